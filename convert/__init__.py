@@ -1,0 +1,1 @@
+"""HF safetensors -> elastic-jax checkpoint conversion (``python -m convert HF_DIR OUT_DIR``)."""

@@ -1,0 +1,172 @@
+"""Attention dispatch: the one place the model meets the kernels.
+
+Prefill: ``prefill_attention(q, k, v, kv_lengths, head_modes, ...)`` runs dense causal attention
+(plain Qwen3, or every head forced dense) or the elastic per-head path (XAttention block selection
+for mode-1 heads, then one block-sparse attention call for all heads).
+Decode: ``decode_attention(q, k_pages, v_pages, page_table, lengths, ...)`` is always dense.
+
+Implementations are chosen by ``RuntimeConfig`` (static): Pallas kernels / cuDNN on GPU, pure-jnp
+references on CPU. Head modes: 0 dense causal, 1 XAttention block-sparse, -1 streaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from elastic_jax.config import ModelConfig, RuntimeConfig
+
+MODE_DENSE, MODE_XATTN, MODE_STREAMING = 0, 1, -1
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def resolve_prefill_impl(rt: RuntimeConfig) -> str:
+    if rt.prefill_impl != "auto":
+        return rt.prefill_impl
+    return "pallas" if _on_gpu() else "reference"
+
+
+def resolve_decode_impl(rt: RuntimeConfig) -> str:
+    if rt.decode_impl != "auto":
+        return rt.decode_impl
+    return "pallas" if _on_gpu() else "reference"
+
+
+# ---------------------------------------------------------------------------- dense (XLA)
+
+
+def dense_causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    kv_lengths: jax.Array | None = None,
+    q_chunk: int = 1024,
+) -> jax.Array:
+    """Causal GQA attention in plain jnp, tiled over queries to bound memory.
+
+    q: [B, Tq, H, D]; k, v: [B, Tk, K, D]; kv_lengths: int32 [B] (default Tk).
+    Query i sits at position Tk - Tq + i. Softmax in float32, probabilities cast to v.dtype for the
+    value matmul (as flash attention does). Returns [B, Tq, H, D] in q.dtype.
+    """
+    B, Tq, H, D = q.shape
+    Tk, K = k.shape[1], k.shape[2]
+    G = H // K
+    scale = 1.0 / math.sqrt(D)
+    lengths = jnp.full((B,), Tk, jnp.int32) if kv_lengths is None else kv_lengths
+    key_pos = jnp.arange(Tk, dtype=jnp.int32)
+
+    def tile(args):
+        q_t, start = args  # q_t: [B, C, H, D]
+        C = q_t.shape[1]
+        qg = q_t.reshape(B, C, K, G, D)
+        s = jnp.einsum("bckgd,bskd->bkgcs", qg, k, preferred_element_type=jnp.float32) * scale
+        q_pos = Tk - Tq + start + jnp.arange(C, dtype=jnp.int32)
+        mask = (key_pos[None, :] <= q_pos[:, None])[None] & (
+            key_pos[None, None, :] < lengths[:, None, None]
+        )
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        p = jnp.where(jnp.isnan(p), 0.0, p)  # padded queries with no visible key
+        o = jnp.einsum(
+            "bkgcs,bskd->bckgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
+        return o.reshape(B, C, H, D).astype(q.dtype)
+
+    if Tq <= q_chunk or Tq % q_chunk:
+        return tile((q, 0))
+    n = Tq // q_chunk
+    q_tiles = jnp.moveaxis(q.reshape(B, n, q_chunk, H, D), 1, 0)
+    starts = jnp.arange(n, dtype=jnp.int32) * q_chunk
+    out = jax.lax.map(tile, (q_tiles, starts))
+    return jnp.moveaxis(out, 0, 1).reshape(B, Tq, H, D)
+
+
+def cudnn_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN flash attention (GPU only). Right-padded prompts need no length mask: a valid query
+    never sees a key past its own position."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+# ---------------------------------------------------------------------------- prefill
+
+
+def prefill_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_lengths: jax.Array,
+    head_modes: jax.Array | None,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """q: [B, T, H, D] (post RoPE); k, v: [B, T, K, D]; kv_lengths: int32 [B];
+    head_modes: int32 [B, H] or None (all dense). Returns (out [B, T, H, D], stats) where stats
+    holds ``kept_blocks`` / ``causal_blocks`` float32 [B, H] when head modes are given."""
+    impl = resolve_prefill_impl(rt)
+    if head_modes is None:
+        return _dense_prefill(q, k, v, kv_lengths, impl, rt), {}
+    from elastic_jax import elastic_attention
+
+    return elastic_attention.elastic_prefill_attention(
+        q, k, v, kv_lengths, head_modes, cfg, rt, impl
+    )
+
+
+def _dense_prefill(q, k, v, kv_lengths, impl: str, rt: RuntimeConfig) -> jax.Array:
+    if impl == "cudnn" or (impl == "pallas" and _on_gpu()):
+        # cuDNN is the fastest dense causal kernel on Hopper; our Pallas kernel serves sparse heads.
+        return cudnn_causal_attention(q, k, v)
+    if impl == "pallas":
+        from pallas_kernels.block_sparse_attn import api as bsa
+
+        modes = jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.int32)
+        return bsa.block_sparse_attention(
+            q, k, v, modes, kv_lengths=kv_lengths, implementation="pallas_triton"
+        )
+    return dense_causal_attention(
+        q, k, v, kv_lengths=kv_lengths, q_chunk=min(rt.prefill_chunk, 1024)
+    )
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def paged_decode_reference(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array
+) -> jax.Array:
+    """q: [B, H, D]; k_pages, v_pages: [K, P, N, D]; page_table: int32 [B, M]; lengths: int32 [B]
+    (valid tokens, including the current one). Returns [B, H, D]."""
+    from elastic_jax.kv_cache import gather_layer
+
+    k, v = gather_layer(k_pages, v_pages, page_table)  # [B, S, K, D]
+    B, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, K, H // K, D)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(B, H, D).astype(q.dtype)
+
+
+def decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    rt: RuntimeConfig,
+) -> jax.Array:
+    """Dense one-token attention over the paged cache (every head, whatever its prefill mode)."""
+    if resolve_decode_impl(rt) == "pallas":
+        from pallas_kernels.paged_decode import api as pd
+
+        return pd.paged_decode_attention(q, k_pages, v_pages, page_table, lengths)
+    return paged_decode_reference(q, k_pages, v_pages, page_table, lengths)

@@ -1,0 +1,329 @@
+"""Model configuration: an immutable dataclass read from a Hugging Face ``config.json``.
+
+Everything is validated once, at load time, with errors that name the field, its value and what is
+allowed. Nothing in here is re-checked inside jit, and nothing is mutated after construction:
+variants are made with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "PawQwen3ForCausalLM")
+ELASTIC_ARCHITECTURES = ("PawQwen3ForCausalLM",)
+SUPPORTED_ROPE_TYPES = ("default", "yarn")
+_REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "rms_norm_eps",
+)
+
+
+class ConfigError(ValueError):
+    """A config.json field is missing or has a value we cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """RoPE parameters, normalised from either ``rope_scaling`` (checkpoints) or ``rope_parameters``
+    (transformers >= 5)."""
+
+    rope_type: str = "default"
+    theta: float = 1_000_000.0
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Qwen3 / PawQwen3 architecture. Letters used in docstrings: E = hidden_size,
+    F = intermediate_size, H = num_heads, K = num_kv_heads, D = head_dim, V = vocab_size."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    dtype: str = "bfloat16"
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    # ElasticConfig for PawQwen3 (None for plain Qwen3). Typed loosely to avoid an import cycle.
+    elastic: Any = None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def jnp_dtype(self):
+        return jax.numpy.dtype(self.dtype)
+
+    @property
+    def is_elastic(self) -> bool:
+        return self.elastic is not None
+
+    def validate(self) -> ModelConfig:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_key_value_heads={self.num_kv_heads} must divide "
+                f"num_attention_heads={self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}; allowed: 'bfloat16', 'float32', 'float16'")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps={self.rms_norm_eps!r} must be > 0")
+        if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope_scaling type {self.rope.rope_type!r} is not supported; "
+                f"allowed: {SUPPORTED_ROPE_TYPES}"
+            )
+        if self.rope.rope_type == "yarn":
+            if self.rope.factor is None or self.rope.factor <= 0:
+                raise ConfigError(f"rope_scaling.factor={self.rope.factor!r} must be > 0 for yarn")
+            if not self.rope.original_max_position_embeddings:
+                raise ConfigError(
+                    "rope_scaling.original_max_position_embeddings is required for yarn"
+                )
+        return self
+
+    # ---------------------------------------------------------------- serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["elastic"] = None if self.elastic is None else dataclasses.asdict(self.elastic)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["rope"] = RopeConfig(**d["rope"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        if d.get("elastic") is not None:
+            from elastic_jax.elastic_config import ElasticConfig
+
+            d["elastic"] = ElasticConfig(**d["elastic"])
+        return cls(**d).validate()
+
+
+# -------------------------------------------------------------------- HF config.json
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    if params and isinstance(params, dict) and "rope_theta" in params:
+        merged = dict(params)
+    else:
+        merged = dict(scaling or {})
+        merged["rope_theta"] = hf.get("rope_theta", 10_000.0)
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    orig = merged.get("original_max_position_embeddings")
+    if rope_type == "yarn" and orig is None:
+        # transformers falls back to max_position_embeddings for yarn.
+        orig = hf.get("max_position_embeddings")
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(merged["rope_theta"]),
+        factor=None if merged.get("factor") is None else float(merged["factor"]),
+        original_max_position_embeddings=None if orig is None else int(orig),
+        attention_factor=merged.get("attention_factor"),
+        beta_fast=merged.get("beta_fast"),
+        beta_slow=merged.get("beta_slow"),
+        mscale=merged.get("mscale"),
+        mscale_all_dim=merged.get("mscale_all_dim"),
+        truncate=bool(merged.get("truncate", True)),
+    )
+
+
+def config_from_hf(
+    hf: dict[str, Any], *, source: str = "config.json", dtype: str = "bfloat16"
+) -> ModelConfig:
+    """Build a validated ``ModelConfig`` from a parsed HF ``config.json`` (never mutates ``hf``)."""
+    archs = hf.get("architectures") or []
+    if not archs:
+        raise ConfigError(f"{source}: field 'architectures' is missing")
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: unknown architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    missing = [f for f in _REQUIRED_FIELDS if f not in hf]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {missing}")
+    num_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    eos = hf.get("eos_token_id")
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+    elastic = None
+    if arch in ELASTIC_ARCHITECTURES:
+        from elastic_jax.elastic_config import ElasticConfig
+
+        elastic = ElasticConfig.from_hf_dict(hf, source=source)
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+    cfg = ModelConfig(
+        architecture=arch,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=int(num_heads),
+        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(hf["rms_norm_eps"]),
+        rope=_rope_from_hf(hf),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dtype=dtype,
+        eos_token_ids=eos_ids,
+        pad_token_id=hf.get("pad_token_id"),
+        elastic=elastic,
+    )
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_hf_config(path: str | Path, *, dtype: str = "bfloat16") -> ModelConfig:
+    """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        hf = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    return config_from_hf(hf, source=str(p), dtype=dtype)
+
+
+# -------------------------------------------------------------------- RoPE frequencies
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies ``[D/2]`` (float32) and the cos/sin scaling factor, as transformers
+    computes them (default and yarn)."""
+    r, dim = cfg.rope, cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+    if r.rope_type == "default":
+        return (1.0 / (r.theta**exponents)).astype(np.float32), 1.0
+    # yarn: port of transformers' _compute_yarn_parameters (float32 like torch).
+    factor = r.factor
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = r.attention_factor
+    if attention_factor is None:
+        if r.mscale and r.mscale_all_dim:
+            attention_factor = get_mscale(factor, r.mscale) / get_mscale(factor, r.mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = r.beta_fast or 32
+    beta_slow = r.beta_slow or 1
+    orig = r.original_max_position_embeddings
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(r.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if r.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    pos_freqs = np.float32(r.theta) ** exponents
+    inv_extra = (1.0 / pos_freqs).astype(np.float32)
+    inv_inter = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extra_factor = (1 - ramp).astype(np.float32)
+    inv_freq = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+# -------------------------------------------------------------------- runtime options
+
+ATTENTION_MODES = ("elastic", "dense", "streaming", "xattn")
+PREFILL_IMPLS = ("auto", "reference", "pallas", "cudnn", "xla")
+DECODE_IMPLS = ("auto", "reference", "pallas")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run a model (static under jit; not part of the checkpoint).
+
+    attention_mode: "elastic" follows the router (plain Qwen3: dense); "dense", "streaming" and
+      "xattn" force every head into one mode regardless of the router (paper baselines).
+    prefill_impl: "auto" (GPU: Pallas kernels, cuDNN for all-dense prefill; CPU: references),
+      "reference" (pure jnp), "pallas", "cudnn" (dense prefill only), "xla" (our chunked jnp
+      dense attention).
+    decode_impl: "auto" (GPU: Pallas paged decode kernel; CPU: reference), "reference", "pallas".
+    prefill_chunk: tokens per chunk for the per-token work of prefill (projections, MLP, the
+      reference attention's query tiles): bounds memory for long prompts.
+    page_size: tokens per KV-cache page.
+    collect_stats: return per-layer/head modes and kept-block fractions from prefill.
+    """
+
+    attention_mode: str = "elastic"
+    prefill_impl: str = "auto"
+    decode_impl: str = "auto"
+    prefill_chunk: int = 8192
+    page_size: int = 128
+    collect_stats: bool = True
+
+    def __post_init__(self):
+        checks = (
+            ("attention_mode", ATTENTION_MODES),
+            ("prefill_impl", PREFILL_IMPLS),
+            ("decode_impl", DECODE_IMPLS),
+        )
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {allowed}")
+        for name in ("prefill_chunk", "page_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v & (v - 1):
+                raise ValueError(f"{name}={v!r} must be a positive power of two")

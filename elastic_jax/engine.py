@@ -1,0 +1,85 @@
+"""Jit-compiled prefill / decode steps and the shape buckets that bound recompilation.
+
+Buckets (every distinct shape compiles once per process):
+  - prompt length T: next power of two >= the longest prompt, at least 128; above
+    ``prefill_chunk`` tokens, the next multiple of ``prefill_chunk`` (e.g. 8K steps up to 128K);
+  - batch: next power of two >= the number of prompts (padding rows are 1-token dummies);
+  - cache capacity per sequence: next power of two >= prompt bucket + max_new_tokens, in pages.
+Decode compiles once per (batch bucket, capacity bucket); the host loop never recompiles.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from elastic_jax import model as model_lib
+from elastic_jax.config import ModelConfig, RuntimeConfig
+from elastic_jax.kv_cache import KVCache
+from elastic_jax.params import Params
+from elastic_jax.sampling import SamplingParams, sample
+
+MIN_PROMPT_BUCKET = 128
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def prompt_bucket(n: int, chunk: int) -> int:
+    """Padded prompt length for a prompt of ``n`` tokens (see module docstring)."""
+    if n <= chunk:
+        return max(MIN_PROMPT_BUCKET, next_pow2(n))
+    return -(-n // chunk) * chunk
+
+
+def batch_bucket(n: int) -> int:
+    return next_pow2(n)
+
+
+def capacity_bucket(n: int, page_size: int) -> int:
+    return max(page_size, next_pow2(n))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rt"), donate_argnames=("cache",))
+def prefill_step(
+    params: Params,
+    cache: KVCache,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+):
+    """Jitted ``model.prefill``: (logits [B, V], cache, stats)."""
+    return model_lib.prefill(params, cache, tokens, lengths, cfg, rt)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rt"), donate_argnames=("cache",))
+def decode_step(
+    params: Params, cache: KVCache, tokens: jax.Array, cfg: ModelConfig, rt: RuntimeConfig
+):
+    """Jitted ``model.decode``: (logits [B, V], cache)."""
+    return model_lib.decode(params, cache, tokens, cfg, rt)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rt", "sp"), donate_argnames=("cache",))
+def decode_sample_step(
+    params: Params,
+    cache: KVCache,
+    tokens: jax.Array,
+    key: jax.Array,
+    banned: jax.Array,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+    sp: SamplingParams,
+):
+    """One decode step fused with sampling, so only int32 [B] tokens leave the device.
+    banned: bool [B, V]. Returns (next tokens int32 [B], cache)."""
+    logits, cache = model_lib.decode(params, cache, tokens, cfg, rt)
+    return sample(logits, key, sp, banned), cache
+
+
+@functools.partial(jax.jit, static_argnames=("sp",))
+def sample_step(logits: jax.Array, key: jax.Array, banned: jax.Array, sp: SamplingParams):
+    return sample(logits, key, sp, banned)

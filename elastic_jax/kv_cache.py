@@ -1,0 +1,137 @@
+"""Static-shape paged KV cache.
+
+Layout (all layers stacked so the forward pass can scan over them):
+  k, v:        [L, K, P, N, D]   L layers, K kv heads, P pages, N tokens per page, D head dim
+  page_table:  int32 [B, M]      page ids of each sequence's M logical pages
+  lengths:     int32 [B]         tokens written so far per sequence
+
+kv-head-major pages keep one page of one head contiguous in memory (one DMA per page in the decode
+kernel) and put the kv-head axis first for tensor-parallel sharding. Capacity (P, M) is fixed at
+creation, so jit never recompiles while sequences grow. The last page (id P - 1) is a trash page:
+writes to logical pages past a sequence's table (bucket padding) land there and are never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elastic_jax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [L, K, P, N, D]
+    v: jax.Array  # [L, K, P, N, D]
+    page_table: jax.Array  # int32 [B, M]
+    lengths: jax.Array  # int32 [B]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each sequence can hold."""
+        return self.page_table.shape[1] * self.page_size
+
+    @property
+    def trash_page(self) -> int:
+        return self.num_pages - 1
+
+
+def default_page_table(batch: int, pages_per_seq: int) -> np.ndarray:
+    """Sequence b owns pages [b*M, (b+1)*M); the trash page (id B*M) is not in any table."""
+    return np.arange(batch * pages_per_seq, dtype=np.int32).reshape(batch, pages_per_seq)
+
+
+def create(
+    cfg: ModelConfig,
+    batch: int,
+    capacity: int,
+    *,
+    page_size: int = 128,
+    dtype=None,
+    page_table: np.ndarray | None = None,
+    num_pages: int | None = None,
+) -> KVCache:
+    """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each.
+
+    ``page_table`` (int32 [batch, ceil(capacity / page_size)]) may map sequences to any pages of
+    ``num_pages`` (default: contiguous ownership, ``batch * M + 1`` pages including the trash page).
+    """
+    if capacity <= 0 or batch <= 0:
+        raise ValueError(f"batch={batch} and capacity={capacity} must be positive")
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page_size={page_size} must be a positive power of two")
+    M = -(-capacity // page_size)
+    if page_table is None:
+        page_table = default_page_table(batch, M)
+    page_table = np.asarray(page_table, np.int32)
+    if page_table.shape != (batch, M):
+        raise ValueError(f"page_table has shape {page_table.shape}, expected {(batch, M)}")
+    P = int(page_table.max()) + 2 if num_pages is None else num_pages
+    if page_table.min() < 0 or page_table.max() >= P - 1:
+        raise ValueError(f"page ids must lie in [0, {P - 2}] (page {P - 1} is the trash page)")
+    dt = cfg.jnp_dtype if dtype is None else dtype
+    shape = (cfg.num_layers, cfg.num_kv_heads, P, page_size, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dt),
+        v=jnp.zeros(shape, dt),
+        page_table=jnp.asarray(page_table),
+        lengths=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def token_slots(cache: KVCache, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions: int32 [B, T] -> (page ids, slots within the page), both int32 [B, T].
+    Positions past a sequence's table go to the trash page."""
+    N, M = cache.page_size, cache.page_table.shape[1]
+    logical = positions // N
+    in_table = logical < M
+    pages = jnp.take_along_axis(cache.page_table, jnp.minimum(logical, M - 1), axis=1)
+    pages = jnp.where(in_table, pages, cache.trash_page)
+    return pages, positions % N
+
+
+def write_layer(
+    k_layer: jax.Array,
+    v_layer: jax.Array,
+    pages: jax.Array,
+    slots: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter new tokens into one layer's pages.
+
+    k_layer, v_layer: [K, P, N, D]; pages, slots: int32 [B, T]; k_new, v_new: [B, T, K, D].
+    """
+    k_vals = jnp.moveaxis(k_new, 2, 0).astype(k_layer.dtype)  # [K, B, T, D]
+    v_vals = jnp.moveaxis(v_new, 2, 0).astype(v_layer.dtype)
+    return k_layer.at[:, pages, slots].set(k_vals), v_layer.at[:, pages, slots].set(v_vals)
+
+
+def gather_layer(
+    k_layer: jax.Array, v_layer: jax.Array, page_table: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Contiguous view of every sequence's pages: [K, P, N, D] -> [B, M*N, K, D] (reference path)."""
+    B, M = page_table.shape
+    K, _, N, D = k_layer.shape
+
+    def gather(x):
+        g = x[:, page_table]  # [K, B, M, N, D]
+        return jnp.moveaxis(g, 0, -2).reshape(B, M * N, K, D)
+
+    return gather(k_layer), gather(v_layer)

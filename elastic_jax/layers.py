@@ -1,0 +1,66 @@
+"""Pure building blocks of the Qwen3 decoder: RMSNorm, rotary embeddings, SwiGLU MLP, projections.
+
+Numerics follow transformers' Qwen3 so that bf16 runs agree closely and fp32 runs agree to
+rounding: norms in float32 then cast back before the weight multiply, RoPE tables computed in
+float32, scaled, then cast to the activation dtype before use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x: [..., C]; weight: [C]. Normalise in float32, cast to x.dtype, then scale (as HF)."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return weight.astype(x.dtype) * y
+
+
+def rope_cos_sin(
+    positions: jax.Array, inv_freq: np.ndarray, attention_scaling: float, dtype
+) -> tuple[jax.Array, jax.Array]:
+    """positions: int32 [B, T] -> cos, sin: [B, T, D] in ``dtype`` (neox / rotate-half layout)."""
+    # HIGHEST precision: positions up to 2^17 must not be rounded by a bf16 matmul pass.
+    freqs = jnp.einsum(
+        "bt,f->btf",
+        positions.astype(jnp.float32),
+        jnp.asarray(inv_freq, jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = (jnp.cos(emb) * attention_scaling).astype(dtype)
+    sin = (jnp.sin(emb) * attention_scaling).astype(dtype)
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, N, D]; cos/sin: [B, T, D]. Rotate-half RoPE in x.dtype (as HF)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """x: [B, T, E]; w_gate/w_up: [E, F]; w_down: [F, E] -> [B, T, E]."""
+    gate = jnp.einsum("bte,ef->btf", x, w_gate)
+    up = jnp.einsum("bte,ef->btf", x, w_up)
+    return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down)
+
+
+def chunked_over_time(fn, x: jax.Array, chunk: int | None):
+    """Apply a per-token function ``fn`` ([B, C, ...] -> pytree of [B, C, ...]) over x: [B, T, ...]
+    in chunks of ``chunk`` tokens, bounding the size of intermediates (the MLP hidden, for 128K
+    prompts)."""
+    T = x.shape[1]
+    if chunk is None or T <= chunk:
+        return fn(x)
+    if T % chunk:
+        raise ValueError(f"sequence length {T} is not a multiple of the chunk size {chunk}")
+    B = x.shape[0]
+    xs = jnp.moveaxis(x.reshape(B, T // chunk, chunk, *x.shape[2:]), 1, 0)
+    ys = jax.lax.map(fn, xs)
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(B, T, *y.shape[3:]), ys)

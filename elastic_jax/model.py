@@ -1,0 +1,203 @@
+"""Qwen3 / PawQwen3 forward passes as pure functions over (params, cache, tokens).
+
+Prefill is layer-major: each layer processes the whole (bucketed) prompt before the next layer
+starts. That keeps the PawQwen3 router exact for long prompts, since it pools the first and last
+100 keys of the WHOLE prompt at every layer (spec §11), while memory stays bounded: the per-token
+work (projections, MLP) runs in chunks of ``rt.prefill_chunk`` tokens and attention is a flash
+kernel (GPU) or a query-tiled reference (CPU).
+
+Letters: B batch, T tokens, E hidden, H query heads, K kv heads, D head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from elastic_jax import attention as attn
+from elastic_jax import kv_cache
+from elastic_jax.config import ModelConfig, RuntimeConfig, rope_inv_freq
+from elastic_jax.layers import apply_rope, chunked_over_time, rms_norm, rope_cos_sin, swiglu_mlp
+from elastic_jax.params import LayerParams, Params
+
+
+def _rope_tables(positions: jax.Array, cfg: ModelConfig):
+    inv_freq, scaling = rope_inv_freq(cfg)
+    return rope_cos_sin(positions, inv_freq, scaling, cfg.jnp_dtype)
+
+
+def project_qkv(x: jax.Array, lp: LayerParams, cfg: ModelConfig):
+    """x: [B, T, E] (normed) -> q [B, T, H, D] after q_norm, k [B, T, K, D] after k_norm (pre-RoPE),
+    v [B, T, K, D]."""
+    q = jnp.einsum("bte,ehd->bthd", x, lp.wq)
+    k = jnp.einsum("bte,ekd->btkd", x, lp.wk)
+    v = jnp.einsum("bte,ekd->btkd", x, lp.wv)
+    return rms_norm(q, lp.q_norm, cfg.rms_norm_eps), rms_norm(k, lp.k_norm, cfg.rms_norm_eps), v
+
+
+def _mlp_block(h: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
+    x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
+    return h + swiglu_mlp(x, lp.w_gate, lp.w_up, lp.w_down)
+
+
+def head_modes_for(
+    k_pre: jax.Array, lengths: jax.Array, lp: LayerParams, cfg: ModelConfig, rt: RuntimeConfig
+) -> jax.Array | None:
+    """int32 [B, H] per-head prefill modes, or None for the plain dense path."""
+    B, H = k_pre.shape[0], cfg.num_heads
+    forced = {"streaming": attn.MODE_STREAMING, "xattn": attn.MODE_XATTN}
+    if rt.attention_mode == "dense" or (rt.attention_mode == "elastic" and not cfg.is_elastic):
+        return None
+    if rt.attention_mode in forced:
+        if not cfg.is_elastic:
+            raise ValueError(
+                f"attention_mode={rt.attention_mode!r} needs the elastic settings (sink, window, "
+                "XAttention) of a PawQwen3 config; this model is plain Qwen3"
+            )
+        return jnp.full((B, H), forced[rt.attention_mode], jnp.int32)
+    from elastic_jax.router import route
+
+    modes, _, _ = route(k_pre, lengths, lp.router, cfg.elastic, H)
+    return modes
+
+
+def layer_prefill(
+    h: jax.Array,
+    lp: LayerParams,
+    cos: jax.Array,
+    sin: jax.Array,
+    lengths: jax.Array,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+):
+    """One decoder layer over a whole right-padded prompt.
+
+    h: [B, T, E]; cos, sin: [B, T, D]; lengths: int32 [B].
+    Returns (h [B, T, E], k [B, T, K, D] post-RoPE, v [B, T, K, D], stats dict of [B, H] arrays).
+    """
+    with jax.named_scope("attn_pre"):
+        x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
+        q, k_pre, v = chunked_over_time(lambda t: project_qkv(t, lp, cfg), x, rt.prefill_chunk)
+    with jax.named_scope("router"):
+        modes = head_modes_for(k_pre, lengths, lp, cfg, rt)
+    with jax.named_scope("rope"):
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k_pre, cos, sin)
+    with jax.named_scope("attention"):
+        o, stats = attn.prefill_attention(q, k, v, lengths, modes, cfg, rt)
+    with jax.named_scope("attn_post"):
+        h = h + chunked_over_time(
+            lambda t: jnp.einsum("bthd,hde->bte", t, lp.wo), o, rt.prefill_chunk
+        )
+    with jax.named_scope("mlp"):
+        h = chunked_over_time(lambda t: _mlp_block(t, lp, cfg), h, rt.prefill_chunk)
+    if modes is not None:
+        stats = {"modes": modes, **stats}
+    return h, k, v, stats
+
+
+def final_logits(h: jax.Array, params: Params, cfg: ModelConfig) -> jax.Array:
+    """h: [..., E] -> float32 logits [..., V]."""
+    x = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    w = params.embed.T if params.lm_head is None else params.lm_head
+    return jnp.einsum("...e,ev->...v", x, w, preferred_element_type=jnp.float32)
+
+
+def _embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params.embed, tokens, axis=0)
+
+
+def forward(
+    params: Params, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig, rt: RuntimeConfig
+) -> jax.Array:
+    """Logits for every position, no cache (parity tests, scoring). tokens: int32 [B, T] ->
+    float32 [B, T, V]."""
+    B, T = tokens.shape
+    cos, sin = _rope_tables(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), cfg)
+
+    def body(h, lp):
+        h, _, _, _ = layer_prefill(h, lp, cos, sin, lengths, cfg, rt)
+        return h, None
+
+    h, _ = jax.lax.scan(body, _embed(params, tokens), params.layers)
+    return final_logits(h, params, cfg)
+
+
+def prefill(
+    params: Params,
+    cache: kv_cache.KVCache,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+):
+    """Run the prompt through every layer and fill the cache.
+
+    tokens: int32 [B, T] right-padded (T a bucket length); lengths: int32 [B] in [1, T].
+    Returns (logits of each sequence's last prompt token float32 [B, V], cache with
+    ``lengths`` set, stats: dict of [L, B, H] arrays (modes, kept/causal blocks) when elastic).
+    """
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cos, sin = _rope_tables(positions, cfg)
+    pages, slots = kv_cache.token_slots(cache, positions)
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        lp, layer = xs
+        h, k, v, stats = layer_prefill(h, lp, cos, sin, lengths, cfg, rt)
+        with jax.named_scope("cache_write"):
+            k_l, v_l = kv_cache.write_layer(ck[layer], cv[layer], pages, slots, k, v)
+            ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, layer, 0)
+            cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, layer, 0)
+        return (h, ck, cv), stats
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (h, ck, cv), stats = jax.lax.scan(
+        body, (_embed(params, tokens), cache.k, cache.v), (params.layers, layer_ids)
+    )
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = final_logits(last, params, cfg)
+    new_cache = kv_cache.KVCache(k=ck, v=cv, page_table=cache.page_table, lengths=lengths)
+    return logits, new_cache, stats
+
+
+def decode(
+    params: Params, cache: kv_cache.KVCache, tokens: jax.Array, cfg: ModelConfig, rt: RuntimeConfig
+):
+    """One new token per sequence. tokens: int32 [B] -> (float32 logits [B, V], cache).
+
+    The token sits at position ``cache.lengths[b]``; its K/V are written there before attention.
+    Decode attention is dense for every head (Elastic Attention sparsifies prefill only).
+    """
+    pos = cache.lengths[:, None]  # [B, 1]
+    cos, sin = _rope_tables(pos, cfg)
+    pages, slots = kv_cache.token_slots(cache, pos)
+    new_lengths = cache.lengths + 1
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        lp, layer = xs
+        x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = project_qkv(x, lp, cfg)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_l, v_l = kv_cache.write_layer(ck[layer], cv[layer], pages, slots, k, v)
+        o = attn.decode_attention(q[:, 0], k_l, v_l, cache.page_table, new_lengths, rt)
+        h = h + jnp.einsum("bhd,hde->be", o, lp.wo)[:, None]
+        h = _mlp_block(h, lp, cfg)
+        ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, layer, 0)
+        cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, layer, 0)
+        return (h, ck, cv), None
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    h0 = _embed(params, tokens[:, None])
+    (h, ck, cv), _ = jax.lax.scan(body, (h0, cache.k, cache.v), (params.layers, layer_ids))
+    logits = final_logits(h[:, 0], params, cfg)
+    return logits, kv_cache.KVCache(k=ck, v=cv, page_table=cache.page_table, lengths=new_lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rt"))
+def forward_jit(params, tokens, lengths, cfg, rt):
+    return forward(params, tokens, lengths, cfg, rt)

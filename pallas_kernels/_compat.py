@@ -1,0 +1,40 @@
+"""Small compatibility layer over JAX/Pallas API differences between the versions we support.
+
+CI runs jax 0.10.x on CPU (kernels in ``interpret=True`` mode); the GPU machine runs jax 0.11.x.
+Keep every version-dependent import or call in this module.
+"""
+
+from __future__ import annotations
+
+import jax
+
+
+def default_interpret() -> bool:
+    """Interpret Pallas kernels unless the default backend is a GPU."""
+    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def triton_compiler_params(num_warps: int, num_stages: int):
+    """``compiler_params`` for a Pallas Triton-backend ``pallas_call``."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def device_kind() -> str:
+    """Normalised device kind used to name autotune tables, e.g. ``nvidia_h100_80gb_hbm3``."""
+    kind = jax.devices()[0].device_kind
+    return "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
+
+
+def triton_dot(a, b, *, trans_b: bool = False):
+    """``pl.dot`` of the Triton backend (moved to ``jax.experimental.pallas.triton`` in 0.10)."""
+    try:
+        from jax.experimental.pallas.triton import dot
+    except ImportError:  # older jax
+        from jax.experimental.pallas import dot
+    return dot(a, b, trans_b=trans_b)

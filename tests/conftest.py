@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random HF checkpoints built on CPU with transformers, converted once per
+test session (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+def _key(kwargs: dict) -> str:
+    return json.dumps(kwargs, sort_keys=True, default=str)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Factory: ``tiny_checkpoints(dtype="float32", **qwen3_overrides) -> (hf_dir, converted_dir)``.
+    Each distinct argument set is built and converted once per session."""
+    from convert.hf_to_jax import convert
+    from elastic_jax.testing.tiny import make_tiny_qwen3
+
+    built: dict[str, tuple] = {}
+
+    def make(dtype: str = "float32", seed: int = 0, **overrides):
+        key = _key({"dtype": dtype, "seed": seed, **overrides})
+        if key not in built:
+            root = tmp_path_factory.mktemp("tiny")
+            hf_dir = make_tiny_qwen3(root / "hf", seed=seed, dtype=dtype, **overrides)
+            conv = convert(
+                hf_dir,
+                root / "converted",
+                dtype="fp32" if dtype == "float32" else "bf16",
+                progress=False,
+            )
+            built[key] = (hf_dir, conv)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_checkpoints):
+    """The default tiny Qwen3 (fp32, tied embeddings, 4 q heads / 2 kv heads)."""
+    return tiny_checkpoints()

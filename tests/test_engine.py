@@ -1,0 +1,201 @@
+"""Engine invariants: greedy generate equals transformers, decode after prefill equals a full
+forward, chunked prefill equals one-shot prefill, paged cache layout does not matter."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from elastic_jax import engine, generate, kv_cache, load_model
+from elastic_jax.model import decode, forward, prefill
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_qwen3):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_qwen3[0], dtype=torch.float32).eval()
+
+
+def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_generate_matches_transformers(tiny_qwen3, hf_model):
+    # page_size 16 so prompts span many pages; prefill_chunk 128 so the 300-token prompt is
+    # prefilled in chunks (bucket 384 = 3 chunks).
+    model = load_model(tiny_qwen3[1], page_size=16, prefill_chunk=128)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, n).tolist() for n in (5, 37, 300)]
+    res = generate(model, prompts, max_new_tokens=12, stop_token_ids=[])
+    for p, got in zip(prompts, res.token_ids):
+        assert got == _hf_greedy(hf_model, p, 12)
+    assert [t.new_tokens for t in res.timings] == [12, 12, 12]
+    assert all(t.prefill_ms > 0 and t.decode_tokens_per_s > 0 for t in res.timings)
+
+
+def test_generate_text_prompts_chat_template_and_stop(tiny_qwen3, hf_model):
+    model = load_model(tiny_qwen3[1])
+    tok = model.tokenizer
+    text = "the long context block"
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], enable_thinking=False)
+    res = generate(
+        model,
+        [text],
+        max_new_tokens=6,
+        chat_template=True,
+        enable_thinking=False,
+        stop_token_ids=[],
+    )
+    assert res.token_ids[0] == _hf_greedy(hf_model, tok.encode(chat), 6)
+    # A stop token ends the request and is returned (as transformers does).
+    first = res.token_ids[0][0]
+    res2 = generate(
+        model,
+        [text],
+        max_new_tokens=6,
+        chat_template=True,
+        enable_thinking=False,
+        stop_token_ids=[first],
+    )
+    assert res2.token_ids[0] == [first]
+    # min_new_tokens bans stop tokens for the first steps.
+    res3 = generate(
+        model,
+        [text],
+        max_new_tokens=3,
+        chat_template=True,
+        enable_thinking=False,
+        stop_token_ids=[first],
+        min_new_tokens=1,
+    )
+    assert res3.token_ids[0][0] != first
+
+
+def test_decode_after_prefill_equals_full_forward(tiny_qwen3):
+    model = load_model(tiny_qwen3[1], page_size=16)
+    cfg, rt, params = model.config, model.runtime, model.params
+    rng = np.random.default_rng(3)
+    lengths = np.array([21, 40], np.int32)
+    full = rng.integers(3, 512, (2, 48)).astype(np.int32)
+    T = 128
+    tokens = np.zeros((2, T), np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, :n] = full[b, :n]
+    cache = kv_cache.create(cfg, 2, 64, page_size=16)
+    logits, cache, _ = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(lengths), cfg, rt)
+    steps = [logits]
+    for s in range(6):
+        nxt = full[np.arange(2), lengths + s]
+        logits, cache = decode(params, cache, jnp.asarray(nxt), cfg, rt)
+        steps.append(logits)
+    ref = np.asarray(forward(params, jnp.asarray(full), jnp.full((2,), 48, jnp.int32), cfg, rt))
+    for s, got in enumerate(steps):
+        want = ref[np.arange(2), lengths - 1 + s]
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+    assert np.asarray(cache.lengths).tolist() == (lengths + 6).tolist()
+
+
+def test_chunked_prefill_equals_one_shot(tiny_qwen3):
+    model = load_model(tiny_qwen3[1])
+    cfg = model.config
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(3, 512, (2, 512)).astype(np.int32))
+    lengths = jnp.array([512, 300], jnp.int32)
+    outs = []
+    for chunk in (8192, 128):
+        rt = model.with_runtime(prefill_chunk=chunk, page_size=32).runtime
+        cache = kv_cache.create(cfg, 2, 1024, page_size=32)
+        logits, cache, _ = prefill(model.params, cache, tokens, lengths, cfg, rt)
+        outs.append((np.asarray(logits), np.asarray(cache.k), np.asarray(cache.v)))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_shuffled_page_table_gives_same_tokens(tiny_qwen3):
+    model = load_model(tiny_qwen3[1], page_size=16)
+    cfg, rt = model.config, model.runtime
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(3, 512, (2, 70)).astype(np.int32)
+    tokens = np.zeros((2, 128), np.int32)
+    tokens[:, :70] = prompt
+    lengths = jnp.array([70, 55], jnp.int32)
+    results = []
+    for table in (None, rng.permutation(2 * 8).reshape(2, 8).astype(np.int32)):
+        cache = kv_cache.create(cfg, 2, 128, page_size=16, page_table=table)
+        logits, cache, _ = prefill(model.params, cache, jnp.asarray(tokens), lengths, cfg, rt)
+        seq = [np.asarray(logits)]
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        for _ in range(4):
+            logits, cache = decode(model.params, cache, tok, cfg, rt)
+            seq.append(np.asarray(logits))
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        results.append(np.stack(seq))
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5, rtol=0)
+
+
+def test_sampling_seeded_and_streaming(tiny_qwen3):
+    model = load_model(tiny_qwen3[1])
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    a = generate(
+        model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7, stop_token_ids=[]
+    )
+    b = generate(
+        model, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7, stop_token_ids=[]
+    )
+    assert a.token_ids == b.token_ids
+    greedy = generate(model, prompts, max_new_tokens=8, stop_token_ids=[])
+    top1 = generate(
+        model, prompts, max_new_tokens=8, temperature=0.7, top_k=1, seed=3, stop_token_ids=[]
+    )
+    assert top1.token_ids == greedy.token_ids
+    events = []
+    generate(model, prompts, max_new_tokens=5, stop_token_ids=[], stream=events.append)
+    for r in range(2):
+        assert [e.token_id for e in events if e.request == r] == greedy.token_ids[r][:5]
+
+
+def test_stream_text_concatenates_to_text(tiny_qwen3):
+    from elastic_jax import stream_text
+
+    model = load_model(tiny_qwen3[1])
+    pieces = list(stream_text(model, "hello world", max_new_tokens=10, stop_token_ids=[]))
+    full = generate(model, ["hello world"], max_new_tokens=10, stop_token_ids=[]).texts[0]
+    assert "".join(pieces) == full
+
+
+def test_bad_generate_inputs(tiny_qwen3):
+    model = load_model(tiny_qwen3[1], max_cache_tokens=64)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceeds the cache capacity of 64"):
+        generate(model, [[1] * 60], max_new_tokens=5)
+    with pytest.raises(ValueError, match="outside"):
+        generate(model, [[1, 999]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+def test_buckets():
+    assert engine.prompt_bucket(1, 8192) == 128
+    assert engine.prompt_bucket(129, 8192) == 256
+    assert engine.prompt_bucket(8192, 8192) == 8192
+    assert engine.prompt_bucket(8193, 8192) == 16384
+    assert engine.prompt_bucket(100_000, 8192) == 106_496
+    assert engine.batch_bucket(3) == 4
+    assert engine.capacity_bucket(300, 128) == 512
+
+
+def test_decode_compiles_once_per_bucket(tiny_qwen3):
+    model = load_model(tiny_qwen3[1])
+    generate(model, [[1, 2, 3]], max_new_tokens=3, stop_token_ids=[])
+    before = engine.decode_sample_step._cache_size()
+    generate(model, [[4, 5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
+    assert engine.decode_sample_step._cache_size() == before
+    jax.clear_caches()
