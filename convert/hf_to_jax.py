@@ -103,7 +103,7 @@ def _router_layout(cfg: ModelConfig):
 
     names = {}
     for i in range(cfg.num_layers):
-        names.update(router.router_tensor_names(i, cfg.elastic.use_softmax))
+        names.update(router.router_tensor_names(i, cfg.elastic.use_softmax, head_dim=cfg.head_dim))
     return names, tuple(router.TRAINING_ONLY_SUFFIXES)
 
 
@@ -181,7 +181,9 @@ def convert_params(
                 lambda n: load(tensors[n]), i, cfg.head_dim, cfg.elastic.use_softmax
             )
             per_layer.append(rp)
-            bar.update(len(router.router_tensor_names(i, cfg.elastic.use_softmax)))
+            bar.update(
+                len(router.router_tensor_names(i, cfg.elastic.use_softmax, head_dim=cfg.head_dim))
+            )
         stacked = {
             f: np.stack([np.asarray(getattr(rp, f)) for rp in per_layer]).astype(dtype)
             for f in router.RouterParams.shapes(cfg.head_dim, cfg.elastic.use_softmax)

@@ -158,15 +158,17 @@ def paged_decode_reference(
 
 def decode_attention(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
     page_table: jax.Array,
     lengths: jax.Array,
     rt: RuntimeConfig,
 ) -> jax.Array:
-    """Dense one-token attention over the paged cache (every head, whatever its prefill mode)."""
+    """Dense one-token attention over one layer of the paged cache (every head, whatever its
+    prefill mode). q: [B, H, D]; k_cache, v_cache: [L, K, P, N, D]; layer: int32 scalar."""
     if resolve_decode_impl(rt) == "pallas":
         from pallas_kernels.paged_decode import api as pd
 
-        return pd.paged_decode_attention(q, k_pages, v_pages, page_table, lengths)
-    return paged_decode_reference(q, k_pages, v_pages, page_table, lengths)
+        return pd.paged_decode_attention(q, k_cache[layer], v_cache[layer], page_table, lengths)
+    return paged_decode_reference(q, k_cache[layer], v_cache[layer], page_table, lengths)

@@ -86,22 +86,28 @@ def _prepare_prompts(
 
 
 def _prefill_info(stats: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """Per request: modes [L][H], kept-block fraction [L][H], sparsity of the whole prefill."""
+    """Per request: modes [L][H] (0 dense, 1 XAttention, -1 streaming), kept-block fraction
+    [L][H], ``sparsity`` (fraction of causal attention blocks skipped over the whole prefill),
+    ``router_class`` [L][K] and ``sparse_head_fraction`` (fraction of KV heads the router put in
+    class 0, the paper's Omega_MSR; None when no router ran)."""
+    empty = {"modes": None, "kept_fraction": None, "sparsity": 0.0, "router_class": None,
+             "sparse_head_fraction": None}
     if not stats:
-        return [{"modes": None, "kept_fraction": None, "sparsity": 0.0} for _ in range(n)]
+        return [dict(empty) for _ in range(n)]
     modes = np.asarray(stats["modes"])  # [L, B, H]
     kept = np.asarray(stats["kept_blocks"], np.float64)
     causal = np.asarray(stats["causal_blocks"], np.float64)
+    classes = np.asarray(stats["router_class"]) if "router_class" in stats else None  # [L, B, K]
     out = []
     for b in range(n):
-        frac = kept[:, b] / np.maximum(causal[:, b], 1)
-        out.append(
-            {
-                "modes": modes[:, b].tolist(),
-                "kept_fraction": frac.tolist(),
-                "sparsity": float(1.0 - kept[:, b].sum() / max(causal[:, b].sum(), 1.0)),
-            }
-        )
+        info = dict(empty)
+        info["modes"] = modes[:, b].tolist()
+        info["kept_fraction"] = (kept[:, b] / np.maximum(causal[:, b], 1)).tolist()
+        info["sparsity"] = float(1.0 - kept[:, b].sum() / max(causal[:, b].sum(), 1.0))
+        if classes is not None:
+            info["router_class"] = classes[:, b].tolist()
+            info["sparse_head_fraction"] = float((classes[:, b] == 0).mean())
+        out.append(info)
     return out
 
 

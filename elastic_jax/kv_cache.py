@@ -106,21 +106,19 @@ def token_slots(cache: KVCache, positions: jax.Array) -> tuple[jax.Array, jax.Ar
     return pages, positions % N
 
 
-def write_layer(
-    k_layer: jax.Array,
-    v_layer: jax.Array,
-    pages: jax.Array,
-    slots: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
+def write(
+    k: jax.Array, v: jax.Array, layer: jax.Array | int, pages: jax.Array, slots: jax.Array,
+    k_new: jax.Array, v_new: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter new tokens into one layer's pages.
+    """Scatter new tokens of one layer into the stacked cache, in place under donation.
 
-    k_layer, v_layer: [K, P, N, D]; pages, slots: int32 [B, T]; k_new, v_new: [B, T, K, D].
+    k, v: [L, K, P, N, D]; layer: int32 scalar; pages, slots: int32 [B, T];
+    k_new, v_new: [B, T, K, D]. (Mixed scalar/array indexing puts the [B, T] index dims first, so
+    the update values are [B, T, K, D] as they come.)
     """
-    k_vals = jnp.moveaxis(k_new, 2, 0).astype(k_layer.dtype)  # [K, B, T, D]
-    v_vals = jnp.moveaxis(v_new, 2, 0).astype(v_layer.dtype)
-    return k_layer.at[:, pages, slots].set(k_vals), v_layer.at[:, pages, slots].set(v_vals)
+    k = k.at[layer, :, pages, slots].set(k_new.astype(k.dtype))
+    v = v.at[layer, :, pages, slots].set(v_new.astype(v.dtype))
+    return k, v
 
 
 def gather_layer(

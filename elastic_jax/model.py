@@ -49,18 +49,18 @@ def head_modes_for(
     B, H = k_pre.shape[0], cfg.num_heads
     forced = {"streaming": attn.MODE_STREAMING, "xattn": attn.MODE_XATTN}
     if rt.attention_mode == "dense" or (rt.attention_mode == "elastic" and not cfg.is_elastic):
-        return None
+        return None, None
     if rt.attention_mode in forced:
         if not cfg.is_elastic:
             raise ValueError(
                 f"attention_mode={rt.attention_mode!r} needs the elastic settings (sink, window, "
                 "XAttention) of a PawQwen3 config; this model is plain Qwen3"
             )
-        return jnp.full((B, H), forced[rt.attention_mode], jnp.int32)
+        return jnp.full((B, H), forced[rt.attention_mode], jnp.int32), None
     from elastic_jax.router import route
 
-    modes, _, _ = route(k_pre, lengths, lp.router, cfg.elastic, H)
-    return modes
+    modes, z_kv, _ = route(k_pre, lengths, lp.router, cfg.elastic, H)
+    return modes, z_kv
 
 
 def layer_prefill(
@@ -81,7 +81,7 @@ def layer_prefill(
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
         q, k_pre, v = chunked_over_time(lambda t: project_qkv(t, lp, cfg), x, rt.prefill_chunk)
     with jax.named_scope("router"):
-        modes = head_modes_for(k_pre, lengths, lp, cfg, rt)
+        modes, z_kv = head_modes_for(k_pre, lengths, lp, cfg, rt)
     with jax.named_scope("rope"):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k_pre, cos, sin)
@@ -95,6 +95,8 @@ def layer_prefill(
         h = chunked_over_time(lambda t: _mlp_block(t, lp, cfg), h, rt.prefill_chunk)
     if modes is not None:
         stats = {"modes": modes, **stats}
+    if z_kv is not None:
+        stats["router_class"] = z_kv.astype(jnp.int32)
     return h, k, v, stats
 
 
@@ -149,9 +151,7 @@ def prefill(
         lp, layer = xs
         h, k, v, stats = layer_prefill(h, lp, cos, sin, lengths, cfg, rt)
         with jax.named_scope("cache_write"):
-            k_l, v_l = kv_cache.write_layer(ck[layer], cv[layer], pages, slots, k, v)
-            ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, layer, 0)
-            cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, layer, 0)
+            ck, cv = kv_cache.write(ck, cv, layer, pages, slots, k, v)
         return (h, ck, cv), stats
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -183,12 +183,10 @@ def decode(
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
         q, k, v = project_qkv(x, lp, cfg)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_l, v_l = kv_cache.write_layer(ck[layer], cv[layer], pages, slots, k, v)
-        o = attn.decode_attention(q[:, 0], k_l, v_l, cache.page_table, new_lengths, rt)
+        ck, cv = kv_cache.write(ck, cv, layer, pages, slots, k, v)
+        o = attn.decode_attention(q[:, 0], ck, cv, layer, cache.page_table, new_lengths, rt)
         h = h + jnp.einsum("bhd,hde->be", o, lp.wo)[:, None]
         h = _mlp_block(h, lp, cfg)
-        ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, layer, 0)
-        cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, layer, 0)
         return (h, ck, cv), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)

@@ -1,0 +1,98 @@
+"""Elastic prefill attention: per-head dense / streaming / XAttention in one attention call.
+
+For every layer: XAttention block selection (``pallas_kernels.xattn``) for the heads in mode 1,
+then one block-sparse attention call (``pallas_kernels.block_sparse_attn``) for all heads, whose
+per-head modes and kept-block lists are data (no recompilation when the router changes its mind).
+The same block masks feed the jnp references (CPU) and the Pallas kernels (GPU).
+
+Head modes: 0 dense causal, 1 XAttention kept blocks, -1 streaming (sink + local band).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from elastic_jax.config import ModelConfig, RuntimeConfig
+
+MODE_DENSE, MODE_XATTN, MODE_STREAMING = 0, 1, -1
+
+
+def _kernel_impls(impl: str) -> tuple[str, str]:
+    """(xattn implementation, block-sparse implementation) for a resolved prefill impl."""
+    if impl in ("reference", "xla"):
+        return "reference", "reference"
+    return "auto", "auto"
+
+
+def needs_estimate(cfg: ModelConfig, rt: RuntimeConfig) -> bool:
+    """Static: can any head be in XAttention mode under this config / forced mode?"""
+    if rt.attention_mode == "xattn":
+        return True
+    if rt.attention_mode != "elastic":
+        return False
+    return cfg.elastic.uses_xattn
+
+
+def block_stats(head_modes: jax.Array, counts: jax.Array | None, kv_lengths: jax.Array,
+                num_rows: int, block: int, sink_blocks: int, local_blocks: int
+                ) -> dict[str, jax.Array]:
+    """Kept and causal key blocks per (sequence, head) over each sequence's own query blocks.
+
+    head_modes: int32 [B, H]; counts: int32 [B, H, num_rows] (XAttention rows) or None;
+    kv_lengths: int32 [B]. Returns {"kept_blocks", "causal_blocks"}: float32 [B, H].
+    """
+    nb = (kv_lengths + block - 1) // block  # valid query-block rows per sequence  [B]
+    causal = (nb * (nb + 1) // 2).astype(jnp.float32)  # rows i keep i+1 causal blocks
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    # Streaming row i: the sink blocks up to i, plus the band [i - local + 1, i], minus overlap.
+    sink_part = jnp.minimum(sink_blocks, rows + 1)
+    start = jnp.maximum(0, rows - local_blocks + 1)
+    overlap = jnp.maximum(0, sink_part - start)
+    per_row_streaming = sink_part + (rows - start + 1) - overlap  # [nQb]
+    valid = rows[None, :] < nb[:, None]  # [B, nQb]
+    streaming = jnp.sum(jnp.where(valid, per_row_streaming[None], 0), axis=-1).astype(jnp.float32)
+    if counts is not None:
+        xattn = jnp.sum(jnp.where(valid[:, None], counts, 0), axis=-1).astype(jnp.float32)
+    else:
+        xattn = jnp.zeros(head_modes.shape, jnp.float32)
+    kept = jnp.where(head_modes == MODE_DENSE, causal[:, None],
+                     jnp.where(head_modes == MODE_STREAMING, streaming[:, None], xattn))
+    return {"kept_blocks": kept, "causal_blocks": jnp.broadcast_to(causal[:, None], kept.shape)}
+
+
+def elastic_prefill_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_lengths: jax.Array,
+    head_modes: jax.Array,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+    impl: str,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """q: [B, T, H, D] post-RoPE; k, v: [B, T, K, D] post-RoPE; kv_lengths: int32 [B];
+    head_modes: int32 [B, H]. Returns (out [B, T, H, D], stats of ``block_stats``)."""
+    from pallas_kernels.block_sparse_attn.api import block_sparse_attention
+
+    e = cfg.elastic
+    xattn_impl, bsa_impl = _kernel_impls(impl)
+    counts = indices = None
+    if needs_estimate(cfg, rt):
+        from pallas_kernels.xattn.api import xattn_select
+
+        sel = xattn_select(
+            q, k, kv_lengths=kv_lengths, stride=e.xattn_stride, threshold=e.xattn_threshold,
+            norm=e.xattn_norm, block_size=e.block_size, head_mask=head_modes == MODE_XATTN,
+            implementation=xattn_impl,
+        )
+        counts, indices = sel.block_counts, sel.block_indices
+    out = block_sparse_attention(
+        q, k, v, head_modes, counts, indices, kv_lengths=kv_lengths,
+        sink_blocks=e.sink_blocks, local_blocks=e.local_blocks,
+        block_q=e.block_size, block_k=e.block_size, implementation=bsa_impl,
+    )
+    num_rows = -(-q.shape[1] // e.block_size)
+    stats = block_stats(head_modes, counts, kv_lengths, num_rows, e.block_size, e.sink_blocks,
+                        e.local_blocks) if rt.collect_stats else {}
+    return out, stats
