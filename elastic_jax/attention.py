@@ -170,5 +170,7 @@ def decode_attention(
     if resolve_decode_impl(rt) == "pallas":
         from pallas_kernels.paged_decode import api as pd
 
-        return pd.paged_decode_attention(q, k_cache[layer], v_cache[layer], page_table, lengths)
+        return pd.paged_decode_attention(
+            q, k_cache, v_cache, page_table, lengths, layer, implementation="pallas"
+        )
     return paged_decode_reference(q, k_cache[layer], v_cache[layer], page_table, lengths)

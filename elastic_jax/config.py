@@ -305,6 +305,8 @@ class RuntimeConfig:
       reference attention's query tiles): bounds memory for long prompts.
     page_size: tokens per KV-cache page.
     collect_stats: return per-layer/head modes and kept-block fractions from prefill.
+    collect_masks: also return every layer's block mask [B, H, nQb, nKb] (inspection, notebooks
+      and tests; O(T^2 / block^2) memory per layer, so leave it off for long prompts).
     """
 
     attention_mode: str = "elastic"
@@ -313,6 +315,7 @@ class RuntimeConfig:
     prefill_chunk: int = 8192
     page_size: int = 128
     collect_stats: bool = True
+    collect_masks: bool = False
 
     def __post_init__(self):
         checks = (

@@ -93,6 +93,15 @@ def elastic_prefill_attention(
         block_q=e.block_size, block_k=e.block_size, implementation=bsa_impl,
     )
     num_rows = -(-q.shape[1] // e.block_size)
-    stats = block_stats(head_modes, counts, kv_lengths, num_rows, e.block_size, e.sink_blocks,
-                        e.local_blocks) if rt.collect_stats else {}
+    stats = {}
+    if rt.collect_stats:
+        stats = block_stats(head_modes, counts, kv_lengths, num_rows, e.block_size,
+                            e.sink_blocks, e.local_blocks)
+    if rt.collect_masks:
+        from pallas_kernels.block_sparse_attn.reference import block_mask_from_modes
+
+        stats["block_mask"] = block_mask_from_modes(
+            head_modes, counts, indices, q_len=q.shape[1], k_len=k.shape[1],
+            block_q=e.block_size, block_k=e.block_size, sink_blocks=e.sink_blocks,
+            local_blocks=e.local_blocks)
     return out, stats

@@ -38,3 +38,25 @@ def triton_dot(a, b, *, trans_b: bool = False):
     except ImportError:  # older jax
         from jax.experimental.pallas import dot
     return dot(a, b, trans_b=trans_b)
+
+
+def triton_load(ref, *, mask=None, other=None):
+    """Masked load of a Pallas Triton ref view (``plgpu.load``; older jax: ``pl.load``)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    if hasattr(plgpu, "load"):
+        return plgpu.load(ref, mask=mask, other=other)
+    from jax.experimental import pallas as pl  # pragma: no cover - older jax
+
+    return pl.load(ref, (), mask=mask, other=other)
+
+
+def triton_store(ref, val, *, mask=None):
+    """Masked store to a Pallas Triton ref view (``plgpu.store``; older jax: ``pl.store``)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    if hasattr(plgpu, "store"):
+        return plgpu.store(ref, val, mask=mask)
+    from jax.experimental import pallas as pl  # pragma: no cover - older jax
+
+    return pl.store(ref, (), val, mask=mask)

@@ -46,3 +46,24 @@ def tiny_checkpoints(tmp_path_factory):
 def tiny_qwen3(tiny_checkpoints):
     """The default tiny Qwen3 (fp32, tied embeddings, 4 q heads / 2 kv heads)."""
     return tiny_checkpoints()
+
+
+@pytest.fixture(scope="session")
+def tiny_paw_checkpoints(tmp_path_factory):
+    """Factory: ``tiny_paw_checkpoints(elastic=None, **kwargs) -> (hf_dir, converted_dir)`` for a
+    tiny PawQwen3 checkpoint (fp32), built and converted once per argument set."""
+    from convert.hf_to_jax import convert
+    from elastic_jax.testing.tiny_elastic import make_tiny_pawqwen3
+
+    built: dict[str, tuple] = {}
+
+    def make(elastic: dict | None = None, seed: int = 0, **kwargs):
+        key = _key({"elastic": elastic, "seed": seed, **kwargs})
+        if key not in built:
+            root = tmp_path_factory.mktemp("tiny_paw")
+            hf_dir = make_tiny_pawqwen3(root / "hf", seed=seed, elastic=elastic, **kwargs)
+            conv = convert(hf_dir, root / "converted", dtype="fp32", progress=False)
+            built[key] = (hf_dir, conv)
+        return built[key]
+
+    return make

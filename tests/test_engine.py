@@ -199,3 +199,14 @@ def test_decode_compiles_once_per_bucket(tiny_qwen3):
     generate(model, [[4, 5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
     assert engine.decode_sample_step._cache_size() == before
     jax.clear_caches()
+
+
+def test_pallas_decode_kernel_in_the_model(tiny_qwen3):
+    """The model's decode step through the Pallas paged kernel (interpret mode on CPU, reading the
+    stacked cache in place) gives the reference's tokens and logits."""
+    ref = load_model(tiny_qwen3[1], page_size=16, decode_impl="reference")
+    ker = load_model(tiny_qwen3[1], page_size=16, decode_impl="pallas")
+    prompts = [np.random.default_rng(9).integers(3, 512, n).tolist() for n in (20, 45)]
+    a = generate(ref, prompts, max_new_tokens=5, stop_token_ids=[])
+    b = generate(ker, prompts, max_new_tokens=5, stop_token_ids=[])
+    assert a.token_ids == b.token_ids
