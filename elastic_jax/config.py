@@ -305,6 +305,11 @@ class RuntimeConfig:
       reference attention's query tiles): bounds memory for long prompts.
     page_size: tokens per KV-cache page.
     collect_stats: return per-layer/head modes and kept-block fractions from prefill.
+    xattn_sink_rule: "official" (default) reproduces the official ``find_blocks_chunked``
+      exactly, including its first-query-chunk bookkeeping (rows of the first estimate chunk
+      force only the diagonal and keep one extra block; the sink column is still always kept);
+      "always" forces sink + diagonal on every row (the written spec's rule). See
+      docs/spec_notes.md.
     collect_masks: also return every layer's block mask [B, H, nQb, nKb] (inspection, notebooks
       and tests; O(T^2 / block^2) memory per layer, so leave it off for long prompts).
     """
@@ -316,12 +321,14 @@ class RuntimeConfig:
     page_size: int = 128
     collect_stats: bool = True
     collect_masks: bool = False
+    xattn_sink_rule: str = "official"
 
     def __post_init__(self):
         checks = (
             ("attention_mode", ATTENTION_MODES),
             ("prefill_impl", PREFILL_IMPLS),
             ("decode_impl", DECODE_IMPLS),
+            ("xattn_sink_rule", ("official", "always")),
         )
         for name, allowed in checks:
             if getattr(self, name) not in allowed:

@@ -19,10 +19,12 @@ MODE_DENSE, MODE_XATTN, MODE_STREAMING = 0, 1, -1
 
 
 def _kernel_impls(impl: str) -> tuple[str, str]:
-    """(xattn implementation, block-sparse implementation) for a resolved prefill impl."""
+    """(xattn implementation, block-sparse implementation) for a resolved prefill impl.
+    "pallas" off the GPU runs the Pallas Triton kernels in interpret mode (tests)."""
     if impl in ("reference", "xla"):
         return "reference", "reference"
-    return "auto", "auto"
+    on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+    return ("auto", "auto") if on_gpu else ("pallas_triton", "pallas_triton")
 
 
 def needs_estimate(cfg: ModelConfig, rt: RuntimeConfig) -> bool:
@@ -84,7 +86,7 @@ def elastic_prefill_attention(
         sel = xattn_select(
             q, k, kv_lengths=kv_lengths, stride=e.xattn_stride, threshold=e.xattn_threshold,
             norm=e.xattn_norm, block_size=e.block_size, head_mask=head_modes == MODE_XATTN,
-            implementation=xattn_impl,
+            implementation=xattn_impl, sink_rule=rt.xattn_sink_rule,
         )
         counts, indices = sel.block_counts, sel.block_indices
     out = block_sparse_attention(

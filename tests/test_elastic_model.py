@@ -43,7 +43,7 @@ def test_matches_official_torch_port(tiny_paw_checkpoints, elastic):
     model = load_model(conv, prefill_impl="reference")
     T = 700
     tokens = _tokens(11, 1, T)
-    port = OfficialPawQwen3(hf_dir, dtype=torch.float32, xattn_semantics="spec")
+    port = OfficialPawQwen3(hf_dir, dtype=torch.float32)
     ref_logits, infos = port(torch.tensor(tokens, dtype=torch.long))
     rt = model.with_runtime(collect_masks=True).runtime
     ours = np.asarray(
