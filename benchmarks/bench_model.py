@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.shapes import SHAPES
 from elastic_jax import engine, kv_cache
 from elastic_jax.config import ModelConfig, RopeConfig, RuntimeConfig
-from benchmarks.shapes import SHAPES
 from elastic_jax.params import init_random
-
 
 
 def make_config(shape: str, elastic: dict | None = None) -> ModelConfig:
@@ -63,7 +62,8 @@ def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int
 
     def run():
         logits, holder["cache"], stats = engine.prefill_step(
-            params, holder["cache"], tokens, lengths, cfg, rt)
+            params, holder["cache"], tokens, lengths, cfg, rt
+        )
         return logits, stats
 
     _, stats = run()  # compile + warm-up
@@ -73,7 +73,9 @@ def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int
     if stats:
         kept = np.asarray(stats["kept_blocks"], np.float64).sum()
         causal = np.asarray(stats["causal_blocks"], np.float64).sum()
-        info["kept_fraction"] = kept / max(causal, 1)
+        info["kept_fraction"] = float(kept / max(causal, 1))
+        modes = np.asarray(stats["modes"])
+        info["head_mode_fractions"] = {str(m): float((modes == m).mean()) for m in (0, 1, -1)}
     return statistics.median(times), info
 
 
@@ -120,25 +122,48 @@ def main(argv=None):
     for T in [int(x) for x in args.prefill.split(",") if x]:
         rt = RuntimeConfig(attention_mode="dense", prefill_impl=args.prefill_impl)
         sec, _ = bench_prefill(params, cfg, rt, T, args.reps)
-        rows.append({"what": "prefill", "impl": args.prefill_impl, "tokens": T, "batch": 1,
-                     "ms": sec * 1e3, "tok_per_s": T / sec})
+        rows.append(
+            {
+                "what": "prefill",
+                "impl": args.prefill_impl,
+                "tokens": T,
+                "batch": 1,
+                "ms": sec * 1e3,
+                "tok_per_s": T / sec,
+            }
+        )
         print(rows[-1], flush=True)
     for impl in args.decode_impl.split(","):
         for B in [int(x) for x in args.decode_batch.split(",") if x]:
             rt = RuntimeConfig(attention_mode="dense", decode_impl=impl)
             sec = bench_decode(params, cfg, rt, B, args.decode_context, args.decode_steps)
-            rows.append({"what": "decode", "impl": impl, "tokens": args.decode_context, "batch": B,
-                         "ms": sec * 1e3, "tok_per_s": B / sec})
+            rows.append(
+                {
+                    "what": "decode",
+                    "impl": impl,
+                    "tokens": args.decode_context,
+                    "batch": B,
+                    "ms": sec * 1e3,
+                    "tok_per_s": B / sec,
+                }
+            )
             print(rows[-1], flush=True)
     stats = dev.memory_stats() or {}
-    meta = {"device": dev.device_kind, "jax": jax.__version__, "shape": args.shape,
-            "config": SHAPES[args.shape], "dtype": "bfloat16",
-            "peak_bytes": stats.get("peak_bytes_in_use")}
+    meta = {
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "shape": args.shape,
+        "config": SHAPES[args.shape],
+        "dtype": "bfloat16",
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+    }
     print(f"\n{meta['device']}  jax {meta['jax']}  Qwen3-{args.shape} shape, bf16, random weights")
     print(f"{'step':8} {'impl':10} {'batch':>5} {'tokens':>7} {'ms':>10} {'tok/s':>10}")
     for r in rows:
-        print(f"{r['what']:8} {r['impl']:10} {r['batch']:>5} {r['tokens']:>7} {r['ms']:>10.2f} "
-              f"{r['tok_per_s']:>10.1f}")
+        print(
+            f"{r['what']:8} {r['impl']:10} {r['batch']:>5} {r['tokens']:>7} {r['ms']:>10.2f} "
+            f"{r['tok_per_s']:>10.1f}"
+        )
     if meta["peak_bytes"]:
         print(f"peak GPU memory: {meta['peak_bytes'] / 2**30:.1f} GiB")
     if args.out:

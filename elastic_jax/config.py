@@ -310,6 +310,10 @@ class RuntimeConfig:
       force only the diagonal and keep one extra block; the sink column is still always kept);
       "always" forces sink + diagonal on every row (the written spec's rule). See
       docs/spec_notes.md.
+    synthetic_kept_fraction: BENCHMARK KNOB, never for real use: the XAttention estimate still
+      runs (its cost is measured) but XAttention heads then keep a random causal block set of
+      about this fraction (sink and diagonal kept). Random weights give attention no structure,
+      so this is how benchmarks time the sparse path at controlled densities.
     collect_masks: also return every layer's block mask [B, H, nQb, nKb] (inspection, notebooks
       and tests; O(T^2 / block^2) memory per layer, so leave it off for long prompts).
     """
@@ -322,6 +326,7 @@ class RuntimeConfig:
     collect_stats: bool = True
     collect_masks: bool = False
     xattn_sink_rule: str = "official"
+    synthetic_kept_fraction: float | None = None
 
     def __post_init__(self):
         checks = (
@@ -333,6 +338,9 @@ class RuntimeConfig:
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {allowed}")
+        f = self.synthetic_kept_fraction
+        if f is not None and not 0.0 < f <= 1.0:
+            raise ValueError(f"synthetic_kept_fraction={f!r} must lie in (0, 1]")
         for name in ("prefill_chunk", "page_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v & (v - 1):

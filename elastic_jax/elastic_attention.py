@@ -63,6 +63,24 @@ def block_stats(head_modes: jax.Array, counts: jax.Array | None, kv_lengths: jax
     return {"kept_blocks": kept, "causal_blocks": jnp.broadcast_to(causal[:, None], kept.shape)}
 
 
+def _synthetic_lists(counts, indices, q_len: int, k_len: int, block: int, fraction: float):
+    """Benchmark knob (``RuntimeConfig.synthetic_kept_fraction``): random causal kept-block lists
+    of about ``fraction`` density, sink and diagonal kept. The estimate's lists are consumed
+    (data dependence) so the estimate is not optimised away."""
+    from pallas_kernels.xattn.select import block_list_from_mask
+
+    B, H, n_qb = counts.shape
+    n_kb = -(-k_len // block)
+    diag = (k_len - q_len) // block + jnp.arange(n_qb)
+    cols = jnp.arange(n_kb)
+    u = jax.random.uniform(jax.random.PRNGKey(0), (B, H, n_qb, n_kb))
+    keep = (u < fraction) | (cols == 0) | (cols == diag[:, None])
+    keep = keep & (cols <= diag[:, None])
+    # Tie the result to the estimate's output so XLA keeps the estimate in the timed graph.
+    keep = keep | (indices[..., :n_kb] < 0)
+    return block_list_from_mask(keep)
+
+
 def elastic_prefill_attention(
     q: jax.Array,
     k: jax.Array,
@@ -89,6 +107,9 @@ def elastic_prefill_attention(
             implementation=xattn_impl, sink_rule=rt.xattn_sink_rule,
         )
         counts, indices = sel.block_counts, sel.block_indices
+        if rt.synthetic_kept_fraction is not None:
+            counts, indices = _synthetic_lists(counts, indices, q.shape[1], k.shape[1],
+                                               e.block_size, rt.synthetic_kept_fraction)
     out = block_sparse_attention(
         q, k, v, head_modes, counts, indices, kv_lengths=kv_lengths,
         sink_blocks=e.sink_blocks, local_blocks=e.local_blocks,
