@@ -69,7 +69,6 @@ def gemm_flops_per_token(shape: str) -> float:
         s["num_heads"],
         s["num_kv_heads"],
         s["head_dim"],
-        s["vocab_size"],
     )
     per_layer = E * (H * D + 2 * K * D) + H * D * E + 3 * E * F
     return 2.0 * s["num_layers"] * per_layer  # the last-token lm_head is negligible
@@ -163,6 +162,120 @@ def run_prefill(shape, lengths, densities, density_lengths, reps):
     return rows
 
 
+def layer_breakdown(shape: str, T: int, reps: int) -> list[dict]:
+    """Time one layer's pieces at T tokens (batch 1), to explain the gap to the ideal."""
+    from elastic_jax import kv_cache
+    from elastic_jax import model as model_lib
+    from elastic_jax.layers import apply_rope, rms_norm
+
+    cfg = make_config(shape)
+    rt = RuntimeConfig(attention_mode="dense")
+    params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+    lp = jax.tree.map(lambda x: x[0], params.layers)
+    h = jax.random.normal(jax.random.PRNGKey(1), (1, T, cfg.hidden_size), jnp.bfloat16)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    cos, sin = model_lib._rope_tables(pos, cfg)
+    n = jnp.array([T], jnp.int32)
+
+    def qkv(h):
+        x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = model_lib.project_qkv(x, lp, cfg)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    q, k, v = jax.jit(qkv)(h)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    cache = kv_cache.create(cfg, 1, T, page_size=rt.page_size)
+    pages, slots = kv_cache.token_slots(cache, pos)
+    pieces = {
+        "whole layer (no cache write)": (
+            jax.jit(lambda h: model_lib.layer_prefill(h, lp, cos, sin, n, cfg, rt)[0]),
+            (h,),
+        ),
+        "norm+qkv+rope": (jax.jit(qkv), (h,)),
+        "cudnn attention": (
+            jax.jit(
+                lambda q, k, v: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=True, implementation="cudnn"
+                )
+            ),
+            (q, k, v),
+        ),
+        "o_proj": (jax.jit(lambda o: jnp.einsum("bthd,hde->bte", o, lp.wo)), (o,)),
+        "mlp block": (jax.jit(lambda h: model_lib._mlp_block(h, lp, cfg)), (h,)),
+        "cache write (1 layer)": (
+            jax.jit(
+                lambda ck, cv, k, v: kv_cache.write(ck, cv, 0, pages, slots, k, v),
+                donate_argnums=(0, 1),
+            ),
+            None,
+        ),
+    }
+    rows = []
+    for name, (fn, args) in pieces.items():
+        if args is None:
+            holder = [cache.k, cache.v]
+
+            def call(fn=fn, holder=holder):
+                holder[0], holder[1] = fn(holder[0], holder[1], k, v)
+                return holder[0]
+
+            sec = _median_s(call, reps)
+        else:
+            sec = _median_s(fn, reps, *args)
+        rows.append({"part": "layer_breakdown", "tokens": T, "piece": name, "ms": sec * 1e3})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def scan_experiment(shape: str, T: int, reps: int) -> list[dict]:
+    """Whole prefill at T: the model's scan (cache carried, scattered per layer) vs a variant that
+    returns each layer's K/V from the scan and scatters them into the cache once afterwards."""
+    from elastic_jax import engine, kv_cache
+    from elastic_jax import model as model_lib
+
+    cfg = make_config(shape)
+    rt = RuntimeConfig(attention_mode="dense")
+    params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, T), 0, cfg.vocab_size, jnp.int32)
+    n = jnp.array([T], jnp.int32)
+
+    @jax.jit
+    def after_scan(params, cache, tokens, lengths):
+        B, T = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = model_lib._rope_tables(positions, cfg)
+        pages, slots = kv_cache.token_slots(cache, positions)
+
+        def body(h, lp):
+            h, k, v, _ = model_lib.layer_prefill(h, lp, cos, sin, lengths, cfg, rt)
+            return h, (k, v)
+
+        h, (ks, vs) = jax.lax.scan(body, model_lib._embed(params, tokens), params.layers)
+        ck = cache.k.at[:, :, pages, slots].set(jnp.moveaxis(ks, 3, 1))
+        cv = cache.v.at[:, :, pages, slots].set(jnp.moveaxis(vs, 3, 1))
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return model_lib.final_logits(last, params, cfg), ck, cv
+
+    rows = []
+    holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
+
+    def current():
+        logits, holder["cache"], _ = engine.prefill_step(
+            params, holder["cache"], tokens, n, cfg, rt
+        )
+        return logits
+
+    c2 = kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)
+    for name, fn in (
+        ("scan carries cache", current),
+        ("scatter after scan", lambda: after_scan(params, c2, tokens, n)[0]),
+    ):
+        sec = _median_s(fn, reps)
+        rows.append({"part": "scan_experiment", "tokens": T, "variant": name, "s": sec})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def run_decode(shape: str, context: int, batches: list[int], steps: int):
     cfg = make_config(shape)
     params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
@@ -203,6 +316,10 @@ def main(argv=None):
     }
     if "parts" in sections:
         result["parts"] = measure_parts(lengths, reps=5)
+    if "breakdown" in sections:
+        result["breakdown"] = layer_breakdown(args.shape, lengths[0], reps=5)
+    if "scan" in sections:
+        result["scan"] = scan_experiment(args.shape, lengths[0], reps=3)
     if "prefill" in sections:
         result["prefill"] = run_prefill(
             args.shape,

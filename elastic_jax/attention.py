@@ -137,27 +137,10 @@ def _dense_prefill(q, k, v, kv_lengths, impl: str, rt: RuntimeConfig) -> jax.Arr
 # ---------------------------------------------------------------------------- decode
 
 
-def paged_decode_reference(
-    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array
-) -> jax.Array:
-    """q: [B, H, D]; k_pages, v_pages: [K, P, N, D]; page_table: int32 [B, M]; lengths: int32 [B]
-    (valid tokens, including the current one). Returns [B, H, D]."""
-    from elastic_jax.kv_cache import gather_layer
-
-    k, v = gather_layer(k_pages, v_pages, page_table)  # [B, S, K, D]
-    B, H, D = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, K, H // K, D)
-    s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
-    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(B, H, D).astype(q.dtype)
-
-
 def decode_attention(
     q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     layer: jax.Array,
@@ -165,12 +148,32 @@ def decode_attention(
     lengths: jax.Array,
     rt: RuntimeConfig,
 ) -> jax.Array:
-    """Dense one-token attention over one layer of the paged cache (every head, whatever its
-    prefill mode). q: [B, H, D]; k_cache, v_cache: [L, K, P, N, D]; layer: int32 scalar."""
-    if resolve_decode_impl(rt) == "pallas":
-        from pallas_kernels.paged_decode import api as pd
+    """Dense one-token attention for every head (whatever its prefill mode) over one layer of the
+    paged cache plus the new token itself.
 
-        return pd.paged_decode_attention(
-            q, k_cache, v_cache, page_table, lengths, layer, implementation="pallas"
-        )
-    return paged_decode_reference(q, k_cache[layer], v_cache[layer], page_table, lengths)
+    q: [B, H, D]; k_new, v_new: [B, K, D] of the token being decoded (not in the cache yet);
+    k_cache, v_cache: [L, K, P, N, D]; layer: int32 scalar; lengths: int32 [B] tokens already in
+    the cache. The cache part comes from the paged kernel with its log-sum-exp and the new key is
+    merged in exactly, so the decode step only reads the cache inside its layer loop and writes
+    all layers' new K/V once afterwards (an in-loop write made XLA copy the whole cache each
+    step). Returns [B, H, D] in q.dtype.
+    """
+    from pallas_kernels.paged_decode import api as pd
+
+    impl = "pallas" if resolve_decode_impl(rt) == "pallas" else "reference"
+    o_cache, lse_cache = pd.paged_decode_attention(
+        q, k_cache, v_cache, page_table, lengths, layer, implementation=impl, return_lse=True
+    )
+    B, H, D = q.shape
+    K = k_new.shape[1]
+    # The new token's K/V as the cache would store them (its dtype).
+    k_new = k_new.astype(k_cache.dtype)
+    v_new = v_new.astype(v_cache.dtype)
+    s_new = jnp.einsum(
+        "bkgd,bkd->bkg", q.reshape(B, K, H // K, D), k_new, preferred_element_type=jnp.float32
+    ).reshape(B, H) / math.sqrt(D)
+    m = jnp.maximum(lse_cache, s_new)
+    w_cache, w_new = jnp.exp(lse_cache - m), jnp.exp(s_new - m)
+    v_heads = jnp.repeat(v_new, H // K, axis=1).astype(jnp.float32)  # [B, H, D]
+    o = o_cache.astype(jnp.float32) * w_cache[..., None] + v_heads * w_new[..., None]
+    return (o / (w_cache + w_new)[..., None]).astype(q.dtype)

@@ -36,9 +36,15 @@ def needs_estimate(cfg: ModelConfig, rt: RuntimeConfig) -> bool:
     return cfg.elastic.uses_xattn
 
 
-def block_stats(head_modes: jax.Array, counts: jax.Array | None, kv_lengths: jax.Array,
-                num_rows: int, block: int, sink_blocks: int, local_blocks: int
-                ) -> dict[str, jax.Array]:
+def block_stats(
+    head_modes: jax.Array,
+    counts: jax.Array | None,
+    kv_lengths: jax.Array,
+    num_rows: int,
+    block: int,
+    sink_blocks: int,
+    local_blocks: int,
+) -> dict[str, jax.Array]:
     """Kept and causal key blocks per (sequence, head) over each sequence's own query blocks.
 
     head_modes: int32 [B, H]; counts: int32 [B, H, num_rows] (XAttention rows) or None;
@@ -58,8 +64,11 @@ def block_stats(head_modes: jax.Array, counts: jax.Array | None, kv_lengths: jax
         xattn = jnp.sum(jnp.where(valid[:, None], counts, 0), axis=-1).astype(jnp.float32)
     else:
         xattn = jnp.zeros(head_modes.shape, jnp.float32)
-    kept = jnp.where(head_modes == MODE_DENSE, causal[:, None],
-                     jnp.where(head_modes == MODE_STREAMING, streaming[:, None], xattn))
+    kept = jnp.where(
+        head_modes == MODE_DENSE,
+        causal[:, None],
+        jnp.where(head_modes == MODE_STREAMING, streaming[:, None], xattn),
+    )
     return {"kept_blocks": kept, "causal_blocks": jnp.broadcast_to(causal[:, None], kept.shape)}
 
 
@@ -102,29 +111,54 @@ def elastic_prefill_attention(
         from pallas_kernels.xattn.api import xattn_select
 
         sel = xattn_select(
-            q, k, kv_lengths=kv_lengths, stride=e.xattn_stride, threshold=e.xattn_threshold,
-            norm=e.xattn_norm, block_size=e.block_size, head_mask=head_modes == MODE_XATTN,
-            implementation=xattn_impl, sink_rule=rt.xattn_sink_rule,
+            q,
+            k,
+            kv_lengths=kv_lengths,
+            stride=e.xattn_stride,
+            threshold=e.xattn_threshold,
+            norm=e.xattn_norm,
+            block_size=e.block_size,
+            head_mask=head_modes == MODE_XATTN,
+            implementation=xattn_impl,
+            sink_rule=rt.xattn_sink_rule,
         )
         counts, indices = sel.block_counts, sel.block_indices
         if rt.synthetic_kept_fraction is not None:
-            counts, indices = _synthetic_lists(counts, indices, q.shape[1], k.shape[1],
-                                               e.block_size, rt.synthetic_kept_fraction)
+            counts, indices = _synthetic_lists(
+                counts, indices, q.shape[1], k.shape[1], e.block_size, rt.synthetic_kept_fraction
+            )
     out = block_sparse_attention(
-        q, k, v, head_modes, counts, indices, kv_lengths=kv_lengths,
-        sink_blocks=e.sink_blocks, local_blocks=e.local_blocks,
-        block_q=e.block_size, block_k=e.block_size, implementation=bsa_impl,
+        q,
+        k,
+        v,
+        head_modes,
+        counts,
+        indices,
+        kv_lengths=kv_lengths,
+        sink_blocks=e.sink_blocks,
+        local_blocks=e.local_blocks,
+        block_q=e.block_size,
+        block_k=e.block_size,
+        implementation=bsa_impl,
     )
     num_rows = -(-q.shape[1] // e.block_size)
     stats = {}
     if rt.collect_stats:
-        stats = block_stats(head_modes, counts, kv_lengths, num_rows, e.block_size,
-                            e.sink_blocks, e.local_blocks)
+        stats = block_stats(
+            head_modes, counts, kv_lengths, num_rows, e.block_size, e.sink_blocks, e.local_blocks
+        )
     if rt.collect_masks:
         from pallas_kernels.block_sparse_attn.reference import block_mask_from_modes
 
         stats["block_mask"] = block_mask_from_modes(
-            head_modes, counts, indices, q_len=q.shape[1], k_len=k.shape[1],
-            block_q=e.block_size, block_k=e.block_size, sink_blocks=e.sink_blocks,
-            local_blocks=e.local_blocks)
+            head_modes,
+            counts,
+            indices,
+            q_len=q.shape[1],
+            k_len=k.shape[1],
+            block_q=e.block_size,
+            block_k=e.block_size,
+            sink_blocks=e.sink_blocks,
+            local_blocks=e.local_blocks,
+        )
     return out, stats

@@ -90,8 +90,13 @@ def _prefill_info(stats: dict[str, Any], n: int) -> list[dict[str, Any]]:
     [L][H], ``sparsity`` (fraction of causal attention blocks skipped over the whole prefill),
     ``router_class`` [L][K] and ``sparse_head_fraction`` (fraction of KV heads the router put in
     class 0, the paper's Omega_MSR; None when no router ran)."""
-    empty = {"modes": None, "kept_fraction": None, "sparsity": 0.0, "router_class": None,
-             "sparse_head_fraction": None}
+    empty = {
+        "modes": None,
+        "kept_fraction": None,
+        "sparsity": 0.0,
+        "router_class": None,
+        "sparse_head_fraction": None,
+    }
     if not stats:
         return [dict(empty) for _ in range(n)]
     modes = np.asarray(stats["modes"])  # [L, B, H]

@@ -107,8 +107,13 @@ def token_slots(cache: KVCache, positions: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 def write(
-    k: jax.Array, v: jax.Array, layer: jax.Array | int, pages: jax.Array, slots: jax.Array,
-    k_new: jax.Array, v_new: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layer: jax.Array | int,
+    pages: jax.Array,
+    slots: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter new tokens of one layer into the stacked cache, in place under donation.
 
@@ -121,15 +126,17 @@ def write(
     return k, v
 
 
-def gather_layer(
-    k_layer: jax.Array, v_layer: jax.Array, page_table: jax.Array
+def write_all_layers(
+    k: jax.Array,
+    v: jax.Array,
+    pages: jax.Array,
+    slots: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Contiguous view of every sequence's pages: [K, P, N, D] -> [B, M*N, K, D] (reference path)."""
-    B, M = page_table.shape
-    K, _, N, D = k_layer.shape
-
-    def gather(x):
-        g = x[:, page_table]  # [K, B, M, N, D]
-        return jnp.moveaxis(g, 0, -2).reshape(B, M * N, K, D)
-
-    return gather(k_layer), gather(v_layer)
+    """Scatter new tokens of every layer at once. k, v: [L, K, P, N, D]; pages, slots: [B, T];
+    k_new, v_new: [L, B, T, K, D]."""
+    # Adjacent index arrays on axes 2, 3 put their [B, T] dims there: values are [L, K, B, T, D].
+    k = k.at[:, :, pages, slots].set(jnp.moveaxis(k_new, 3, 1).astype(k.dtype))
+    v = v.at[:, :, pages, slots].set(jnp.moveaxis(v_new, 3, 1).astype(v.dtype))
+    return k, v

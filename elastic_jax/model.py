@@ -169,31 +169,33 @@ def decode(
 ):
     """One new token per sequence. tokens: int32 [B] -> (float32 logits [B, V], cache).
 
-    The token sits at position ``cache.lengths[b]``; its K/V are written there before attention.
-    Decode attention is dense for every head (Elastic Attention sparsifies prefill only).
+    The token sits at position ``cache.lengths[b]``. Decode attention is dense for every head
+    (Elastic Attention sparsifies prefill only). The layer loop only reads the cache; every
+    layer's new K/V is written in one scatter after it (in place: the jitted step donates it).
     """
     pos = cache.lengths[:, None]  # [B, 1]
     cos, sin = _rope_tables(pos, cfg)
     pages, slots = kv_cache.token_slots(cache, pos)
-    new_lengths = cache.lengths + 1
 
-    def body(carry, xs):
-        h, ck, cv = carry
+    def body(h, xs):
         lp, layer = xs
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
         q, k, v = project_qkv(x, lp, cfg)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        ck, cv = kv_cache.write(ck, cv, layer, pages, slots, k, v)
-        o = attn.decode_attention(q[:, 0], ck, cv, layer, cache.page_table, new_lengths, rt)
+        o = attn.decode_attention(
+            q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, layer, cache.page_table, cache.lengths, rt
+        )
         h = h + jnp.einsum("bhd,hde->be", o, lp.wo)[:, None]
-        h = _mlp_block(h, lp, cfg)
-        return (h, ck, cv), None
+        return _mlp_block(h, lp, cfg), (k, v)
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    h0 = _embed(params, tokens[:, None])
-    (h, ck, cv), _ = jax.lax.scan(body, (h0, cache.k, cache.v), (params.layers, layer_ids))
+    h, (ks, vs) = jax.lax.scan(body, _embed(params, tokens[:, None]), (params.layers, layer_ids))
+    with jax.named_scope("cache_write"):
+        ck, cv = kv_cache.write_all_layers(cache.k, cache.v, pages, slots, ks, vs)
     logits = final_logits(h[:, 0], params, cfg)
-    return logits, kv_cache.KVCache(k=ck, v=cv, page_table=cache.page_table, lengths=new_lengths)
+    return logits, kv_cache.KVCache(
+        k=ck, v=cv, page_table=cache.page_table, lengths=cache.lengths + 1
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rt"))

@@ -190,3 +190,15 @@ def test_missing_router_tensor_and_bad_elastic_config(tiny_paw_checkpoints, tmp_
     with pytest.raises(ValueError, match="block_size=96"):
         convert(hf2, tmp_path / "out3", progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_pallas_kernels_in_the_model_match_reference(tiny_paw_checkpoints):
+    """Prefill through the Pallas Triton kernels (interpret mode on CPU): XAttention selection and
+    block-sparse attention give the reference's logits and kept blocks."""
+    _, conv = tiny_paw_checkpoints(elastic=XATTN_STREAMING)
+    tokens = _tokens(6, 1, 384)
+    ref = _prefill_all(load_model(conv, prefill_impl="reference"), tokens, [384])
+    ker = _prefill_all(load_model(conv, prefill_impl="pallas"), tokens, [384])
+    np.testing.assert_allclose(ker[0], ref[0], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(ker[2]["kept_blocks"], ref[2]["kept_blocks"])
+    np.testing.assert_array_equal(ker[2]["modes"], ref[2]["modes"])

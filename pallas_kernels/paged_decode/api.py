@@ -72,7 +72,8 @@ def paged_decode_attention(
     implementation: str = "auto",
     interpret: bool | None = None,
     config: PagedDecodeConfig | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of one new token per sequence against its paged KV cache.
 
     Args:
@@ -92,6 +93,9 @@ def paged_decode_attention(
         ``"reference"``.
       interpret: run the Pallas kernel in interpret mode; None: interpret unless on GPU.
       config: a full tiling to use instead of the autotune table / heuristic.
+      return_lse: also return the natural-log softmax normaliser f32 [B, H] (-inf for a zero
+        length), so a caller can merge in keys that are not in the cache (the model's decode
+        step merges the new token's own key this way, keeping the cache read-only in its loop).
 
     Returns:
       [B, H, D] in ``q.dtype``.
@@ -107,7 +111,9 @@ def paged_decode_attention(
     if implementation == "reference":
         if layer is not None:
             k_pages, v_pages = k_pages[layer], v_pages[layer]
-        return paged_decode_reference(q, k_pages, v_pages, page_table, lengths, sm_scale=scale)
+        return paged_decode_reference(
+            q, k_pages, v_pages, page_table, lengths, sm_scale=scale, return_lse=return_lse
+        )
     if layer is not None:
         layer = jnp.asarray(layer, jnp.int32)
 
@@ -138,4 +144,5 @@ def paged_decode_attention(
         sm_scale=scale,
         config=config,
         interpret=bool(interpret),
+        return_lse=return_lse,
     )

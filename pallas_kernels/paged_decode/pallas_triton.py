@@ -53,8 +53,9 @@ def _paged_decode_kernel(
     q_ref,  # [H, D] (sequence b)
     k_ref,  # [P, N, D] (kv head k), or [L, P, N, D] for a stacked cache
     v_ref,  # same as k_ref
-    *out_refs,  # splits > 1: acc [Gp, D] f32, m [Gp] f32, l [Gp] f32; else o [Gp, D]
+    *out_refs,  # partials: acc [Gp, D] f32, m [Gp] f32, l [Gp] f32; else o [Gp, D]
     stacked: bool,
+    partials: bool,
     group: int,
     rows: int,
     page_size: int,
@@ -134,7 +135,7 @@ def _paged_decode_kernel(
     # sliced away by the caller (this saves 3/4 of the partials' traffic when G = 4).
     real = lax.iota(jnp.int32, rows) < group
     real_2d = jnp.broadcast_to(real[:, None], (rows, head_dim))
-    if num_splits == 1:
+    if not partials:
         (o_ref,) = out_refs
         o = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
         _compat.triton_store(o_ref, o, mask=real_2d)
@@ -163,7 +164,7 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     return out / jnp.where(denom == 0.0, 1.0, denom)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "return_lse"))
 def paged_decode_pallas(
     q: jax.Array,
     k_pages: jax.Array,
@@ -175,11 +176,13 @@ def paged_decode_pallas(
     sm_scale: float,
     config: PagedDecodeConfig,
     interpret: bool,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Paged decode attention; arguments as in ``api.paged_decode_attention`` (validated there).
 
     q: [B, H, D]; k_pages, v_pages: [K, P, N, D], or [L, K, P, N, D] with ``layer`` an int32
-    scalar; page_table: int32 [B, max_pages]; lengths: int32 [B]. Returns [B, H, D] in q.dtype.
+    scalar; page_table: int32 [B, max_pages]; lengths: int32 [B]. Returns [B, H, D] in q.dtype,
+    and with ``return_lse`` also the natural-log softmax normaliser f32 [B, H] (-inf for length 0).
     """
     stacked = k_pages.ndim == 5
     num_layers = k_pages.shape[0] if stacked else 1
@@ -190,10 +193,12 @@ def paged_decode_pallas(
     max_pages = page_table.shape[1]
     rows = max(_MIN_DOT_ROWS, 1 << (group - 1).bit_length())
     splits = config.num_splits
+    partials = splits > 1 or return_lse  # the LSE needs the (m, l) partials
 
     kernel = functools.partial(
         _paged_decode_kernel,
         stacked=stacked,
+        partials=partials,
         group=group,
         rows=rows,
         page_size=page_size,
@@ -217,7 +222,7 @@ def paged_decode_pallas(
         kv_spec,
         kv_spec,
     ]
-    if splits == 1:
+    if not partials:
         out_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), q.dtype)
         out_specs = pl.BlockSpec((None, None, rows, head_dim), lambda b, k, s: (b, k, 0, 0))
     else:
@@ -244,9 +249,18 @@ def paged_decode_pallas(
         name="paged_decode_attention",
     )(lengths, layer_arr, page_table, q, k_pages, v_pages)
 
-    if splits == 1:
-        out = result[:, :, :group]
-    else:
-        acc, m, l = result
-        out = merge_splits(acc[:, :, :, :group], m[..., :group], l[..., :group])
-    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+    if not partials:
+        return result[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+    acc, m, l = result
+    m, l = m[..., :group], l[..., :group]
+    out = merge_splits(acc[:, :, :, :group], m, l)
+    out = out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+    if not return_lse:
+        return out
+    # log2-domain running max and denominators of every split -> natural-log LSE per head.
+    m_max = jnp.max(m, axis=2)
+    denom = jnp.sum(jnp.exp2(m - m_max[:, :, None]) * l, axis=2)
+    lse = jnp.where(
+        denom > 0, (m_max + jnp.log2(jnp.where(denom > 0, denom, 1.0))) * math.log(2), -jnp.inf
+    )
+    return out, lse.reshape(batch, num_heads)

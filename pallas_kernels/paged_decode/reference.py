@@ -28,7 +28,8 @@ def paged_decode_reference(
     lengths: jax.Array,
     *,
     sm_scale: float | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """One-token attention of each sequence against its pages.
 
     Args:
@@ -39,7 +40,8 @@ def paged_decode_reference(
       sm_scale: softmax scale; default ``1 / sqrt(D)``.
 
     Returns:
-      [B, H, D] in ``q.dtype``.
+      [B, H, D] in ``q.dtype``; with ``return_lse`` also the natural-log softmax normaliser
+      f32 [B, H] (-inf for a zero length).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -71,4 +73,8 @@ def paged_decode_reference(
     v = jnp.where(valid[None, :, :, None], v.astype(jnp.float32), 0.0)
     out = jnp.einsum("bkgs,kbsd->bkgd", p, v, precision=jax.lax.Precision.HIGHEST)
     out = out / jnp.where(denom == 0.0, 1.0, denom)
-    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+    out = out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+    return out, lse.reshape(batch, num_heads)

@@ -177,11 +177,13 @@ def test_stacked_cache_reads_only_the_given_layer(splits):
     ref = paged_decode_reference(q, k, v, table, lengths)
     cfg = PagedDecodeConfig(pages_per_block=1, page_chunks=1, num_splits=splits)
     layer = jnp.int32(1)
-    out = paged_decode_attention(q, k_all, v_all, table, lengths, layer, implementation="pallas",
-                                 interpret=True, config=cfg)
+    out = paged_decode_attention(
+        q, k_all, v_all, table, lengths, layer, implementation="pallas", interpret=True, config=cfg
+    )
     assert_close(out, ref, jnp.float32)
-    out_ref_impl = paged_decode_attention(q, k_all, v_all, table, lengths, layer,
-                                          implementation="reference")
+    out_ref_impl = paged_decode_attention(
+        q, k_all, v_all, table, lengths, layer, implementation="reference"
+    )
     assert_close(out_ref_impl, ref, jnp.float32)
     with pytest.raises(ValueError, match=r"\[L, K, P, N, D\] \(layer given\)"):
         paged_decode_attention(q, k, v, table, lengths, layer)
@@ -301,3 +303,31 @@ def test_gpu_cache_past_int32_offsets():
     lens = jnp.asarray([32 * page_size, 1000], jnp.int32)
     out = paged_decode_attention(q, k, v, table, lens, implementation="pallas", num_splits=4)
     assert_close(out, paged_decode_reference(q, k, v, table, lens), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_lse_matches_float64_logsumexp(splits):
+    case = Case(2, 2, 4, 64, 16, 6, 14, jnp.float32)
+    q, k, v, table, lengths = make_inputs(case, [37, 80], seed=11, poison=True)
+    scale = 1 / np.sqrt(64)
+    want = np.zeros((2, 8))
+    for b, n in enumerate([37, 80]):
+        for h in range(8):
+            kk = np.asarray(k, np.float64)[h // 4, np.asarray(table[b])].reshape(-1, 64)[:n]
+            s = kk @ np.asarray(q, np.float64)[b, h] * scale
+            want[b, h] = np.log(np.exp(s - s.max()).sum()) + s.max()
+    cfg = PagedDecodeConfig(pages_per_block=1, page_chunks=1, num_splits=splits)
+    for impl in ("pallas", "reference"):
+        out, lse = paged_decode_attention(
+            q,
+            k,
+            v,
+            table,
+            lengths,
+            implementation=impl,
+            interpret=True,
+            config=cfg,
+            return_lse=True,
+        )
+        np.testing.assert_allclose(np.asarray(lse), want, atol=1e-5, rtol=1e-6)
+        assert_close(out, paged_decode_reference(q, k, v, table, lengths), jnp.float32)
