@@ -29,12 +29,16 @@ def build(shape: str, device: str = "cuda"):
 
     s = SHAPES[shape]
     cfg = Qwen3Config(
-        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
-        head_dim=s["head_dim"], tie_word_embeddings=s["tie_word_embeddings"],
-        max_position_embeddings=262144, rope_parameters={"rope_type": "default",
-                                                         "rope_theta": 1e6},
+        vocab_size=s["vocab_size"],
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"],
+        num_key_value_heads=s["num_kv_heads"],
+        head_dim=s["head_dim"],
+        tie_word_embeddings=s["tie_word_embeddings"],
+        max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         attn_implementation="sdpa",
     )
     with torch.device("meta"):
@@ -46,8 +50,8 @@ def build(shape: str, device: str = "cuda"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5)
-    model.model.rotary_emb.inv_freq = (
-        1.0 / (1e6 ** (torch.arange(0, s["head_dim"], 2, device=device).float() / s["head_dim"]))
+    model.model.rotary_emb.inv_freq = 1.0 / (
+        1e6 ** (torch.arange(0, s["head_dim"], 2, device=device).float() / s["head_dim"])
     )
     return model.eval()
 
@@ -93,8 +97,7 @@ def main(argv=None):
             model(ids, use_cache=True, logits_to_keep=1)  # warm-up
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            ms = _median_ms(lambda ids=ids: model(ids, use_cache=True, logits_to_keep=1),
-                            args.reps)
+            ms = _median_ms(lambda ids=ids: model(ids, use_cache=True, logits_to_keep=1), args.reps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             rows.append({"what": "prefill", "tokens": T, "batch": 1, "ms": ms, "peak_gib": peak})
         except torch.OutOfMemoryError:
@@ -117,13 +120,25 @@ def main(argv=None):
                 model(tok, past_key_values=cache, use_cache=True)
             _sync()
             ms = (time.perf_counter() - t0) * 1e3 / args.decode_steps
-            rows.append({"what": "decode", "tokens": args.decode_context, "batch": B, "ms": ms,
-                         "tok_per_s": B / (ms / 1e3)})
+            rows.append(
+                {
+                    "what": "decode",
+                    "tokens": args.decode_context,
+                    "batch": B,
+                    "ms": ms,
+                    "tok_per_s": B / (ms / 1e3),
+                }
+            )
             print(rows[-1], flush=True)
             del cache, out
-    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "shape": args.shape, "attn": "sdpa",
-            "dtype": "bfloat16"}
+    meta = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": args.shape,
+        "attn": "sdpa",
+        "dtype": "bfloat16",
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
