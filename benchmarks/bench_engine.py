@@ -227,143 +227,6 @@ def layer_breakdown(shape: str, T: int, reps: int) -> list[dict]:
     return rows
 
 
-def scan_experiment(shape: str, T: int, reps: int) -> list[dict]:
-    """Whole prefill at T: the model's scan (cache carried, scattered per layer) vs a variant that
-    returns each layer's K/V from the scan and scatters them into the cache once afterwards."""
-    from elastic_jax import engine, kv_cache
-    from elastic_jax import model as model_lib
-
-    cfg = make_config(shape)
-    rt = RuntimeConfig(attention_mode="dense")
-    params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, T), 0, cfg.vocab_size, jnp.int32)
-    n = jnp.array([T], jnp.int32)
-
-    @jax.jit
-    def after_scan(params, cache, tokens, lengths):
-        B, T = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        cos, sin = model_lib._rope_tables(positions, cfg)
-        pages, slots = kv_cache.token_slots(cache, positions)
-
-        def body(h, lp):
-            h, k, v, _ = model_lib.layer_prefill(h, lp, cos, sin, lengths, cfg, rt)
-            return h, (k, v)
-
-        h, (ks, vs) = jax.lax.scan(body, model_lib._embed(params, tokens), params.layers)
-        ck = cache.k.at[:, :, pages, slots].set(jnp.moveaxis(ks, 3, 1))
-        cv = cache.v.at[:, :, pages, slots].set(jnp.moveaxis(vs, 3, 1))
-        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return model_lib.final_logits(last, params, cfg), ck, cv
-
-    rows = []
-    holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
-
-    def current():
-        logits, holder["cache"], _ = engine.prefill_step(
-            params, holder["cache"], tokens, n, cfg, rt
-        )
-        return logits
-
-    c2 = kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)
-    for name, fn in (
-        ("scan carries cache", current),
-        ("scatter after scan", lambda: after_scan(params, c2, tokens, n)[0]),
-    ):
-        sec = _median_s(fn, reps)
-        rows.append({"part": "scan_experiment", "tokens": T, "variant": name, "s": sec})
-        print(rows[-1], flush=True)
-    return rows
-
-
-def decode_experiment(shape: str, context: int, batch: int, steps: int) -> list[dict]:
-    """Decode step: the model's layer scan vs the same step unrolled over layers in Python (no
-    while loop, so no loop-state copy of the cache can arise)."""
-    import dataclasses
-    import functools
-
-    from elastic_jax import attention as attn
-    from elastic_jax import engine, kv_cache
-    from elastic_jax import model as m
-
-    cfg = make_config(shape)
-    rt = RuntimeConfig(attention_mode="dense", decode_impl="pallas")
-    params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
-
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def unrolled(params, cache, tokens):
-        pos = cache.lengths[:, None]
-        cos, sin = m._rope_tables(pos, cfg)
-        pages, slots = kv_cache.token_slots(cache, pos)
-        h = m._embed(params, tokens[:, None])
-        ks, vs = [], []
-        for layer in range(cfg.num_layers):
-            lp = jax.tree.map(lambda x, layer=layer: x[layer], params.layers)
-            x = m.rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
-            q, k, v = m.project_qkv(x, lp, cfg)
-            q, k = m.apply_rope(q, cos, sin), m.apply_rope(k, cos, sin)
-            o = attn.decode_attention(
-                q[:, 0],
-                k[:, 0],
-                v[:, 0],
-                cache.k,
-                cache.v,
-                jnp.int32(layer),
-                cache.page_table,
-                cache.lengths,
-                rt,
-            )
-            h = h + jnp.einsum("bhd,hde->be", o, lp.wo)[:, None]
-            h = m._mlp_block(h, lp, cfg)
-            ks.append(k)
-            vs.append(v)
-        ck, cv = kv_cache.write_all_layers(
-            cache.k, cache.v, pages, slots, jnp.stack(ks), jnp.stack(vs)
-        )
-        logits = m.final_logits(h[:, 0], params, cfg)
-        return logits, kv_cache.KVCache(ck, cv, cache.page_table, cache.lengths + 1)
-
-    rows = []
-    tok = jnp.zeros((batch,), jnp.int32)
-    for name, step in (
-        ("scan (model)", lambda p, c, t: engine.decode_step(p, c, t, cfg, rt)),
-        ("unrolled", unrolled),
-    ):
-        cache = kv_cache.create(cfg, batch, context + steps + 8, page_size=rt.page_size)
-        cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
-        holder = {"c": cache}
-        del cache
-
-        def call(step=step, holder=holder):
-            logits, holder["c"] = step(params, holder["c"], tok)
-            return logits
-
-        try:
-            sec = _median_s(call, steps)
-            rows.append(
-                {
-                    "part": "decode_experiment",
-                    "variant": name,
-                    "batch": batch,
-                    "tokens": context,
-                    "ms": sec * 1e3,
-                }
-            )
-        except Exception as e:  # noqa: BLE001 (OOM is a result here)
-            rows.append(
-                {
-                    "part": "decode_experiment",
-                    "variant": name,
-                    "batch": batch,
-                    "tokens": context,
-                    "error": str(e)[:200],
-                }
-            )
-        print(rows[-1], flush=True)
-        holder.clear()
-    return rows
-
-
 def run_decode(shape: str, context: int, batches: list[int], steps: int):
     cfg = make_config(shape)
     params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
@@ -406,8 +269,6 @@ def main(argv=None):
         result["parts"] = measure_parts(lengths, reps=5)
     if "breakdown" in sections:
         result["breakdown"] = layer_breakdown(args.shape, lengths[0], reps=5)
-    if "scan" in sections:
-        result["scan"] = scan_experiment(args.shape, lengths[0], reps=3)
     if "prefill" in sections:
         result["prefill"] = run_prefill(
             args.shape,
@@ -415,10 +276,6 @@ def main(argv=None):
             [float(x) for x in args.densities.split(",")],
             [int(x) for x in args.density_lengths.split(",")],
             args.reps,
-        )
-    if "decode_experiment" in sections:
-        result["decode_experiment"] = decode_experiment(
-            args.shape, args.decode_context, int(args.decode_batch.split(",")[0]), 10
         )
     if "decode" in sections:
         result["decode"] = run_decode(

@@ -8,11 +8,9 @@ be processed as two 128x64 tiles, say. ``Config`` holds the tile sizes and launc
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import os
 
-_TABLE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "autotune")
+from pallas_kernels import autotune
+
 _TABLE_NAME = "block_sparse_attn.json"
 
 
@@ -102,14 +100,8 @@ def shape_key(
     return f"B={batch},H={q_heads},K={kv_heads},S={seq_len},D={head_dim},{dtype}"
 
 
-@functools.lru_cache(maxsize=16)
 def _load_table(device_kind: str) -> dict:
-    # Read-only data shipped with the package; cached per device kind, never written.
-    path = os.path.join(_TABLE_DIR, device_kind, _TABLE_NAME)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return autotune.load_table(device_kind, _TABLE_NAME)
 
 
 def _parse_key(key: str) -> dict[str, str]:

@@ -7,11 +7,9 @@ consecutive tokens (``block_size // stride`` reshaped rows make one mask block).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import os
 
-_TABLE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "autotune")
+from pallas_kernels import autotune
+
 _TABLE_NAME = "xattn.json"
 SELECT_IMPLEMENTATIONS = ("pallas", "xla")
 
@@ -82,14 +80,8 @@ def shape_key(*, stride: int, block_size: int, head_dim: int, seq_len: int, dtyp
     return f"stride={stride},block={block_size},D={head_dim},S={seq_len},{dtype}"
 
 
-@functools.lru_cache(maxsize=16)
 def _load_table(device_kind: str) -> dict:
-    # Read-only data shipped with the package; cached per device kind, never written.
-    path = os.path.join(_TABLE_DIR, device_kind, _TABLE_NAME)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return autotune.load_table(device_kind, _TABLE_NAME)
 
 
 def heuristic_config(*, head_dim: int, rows: int, rows_per_block: int) -> Config:
