@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from elastic_jax import sharding
 from elastic_jax.config import ModelConfig, RuntimeConfig
 
 MODE_DENSE, MODE_XATTN, MODE_STREAMING = 0, 1, -1
@@ -107,15 +108,21 @@ def prefill_attention(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """q: [B, T, H, D] (post RoPE); k, v: [B, T, K, D]; kv_lengths: int32 [B];
     head_modes: int32 [B, H] or None (all dense). Returns (out [B, T, H, D], stats) where stats
-    holds ``kept_blocks`` / ``causal_blocks`` float32 [B, H] when head modes are given."""
+    holds ``kept_blocks`` / ``causal_blocks`` float32 [B, H] when head modes are given.
+    Every stats leaf is [B, H, ...] (per-head), so it can be computed on each device's heads."""
     impl = resolve_prefill_impl(rt)
-    if head_modes is None:
-        return _dense_prefill(q, k, v, kv_lengths, impl, rt), {}
-    from elastic_jax import elastic_attention
 
-    return elastic_attention.elastic_prefill_attention(
-        q, k, v, kv_lengths, head_modes, cfg, rt, impl
-    )
+    def local(q, k, v, kv_lengths, head_modes):
+        if head_modes is None:
+            return _dense_prefill(q, k, v, kv_lengths, impl, rt), {}
+        from elastic_jax import elastic_attention
+
+        return elastic_attention.elastic_prefill_attention(
+            q, k, v, kv_lengths, head_modes, cfg, rt, impl
+        )
+
+    # Under a jax.set_mesh mesh with a "model" axis: shard_map, each device on its own heads.
+    return sharding.map_prefill_over_heads(local, q, k, v, kv_lengths, head_modes)
 
 
 def _dense_prefill(q, k, v, kv_lengths, impl: str, rt: RuntimeConfig) -> jax.Array:
@@ -158,6 +165,21 @@ def decode_attention(
     all layers' new K/V once afterwards (an in-loop write made XLA copy the whole cache each
     step). Returns [B, H, D] in q.dtype.
     """
+    # Under a jax.set_mesh mesh with a "model" axis: shard_map, each device on its own heads.
+    return sharding.map_decode_over_heads(
+        lambda *a: _decode_attention_local(*a, rt),
+        q,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        layer,
+        page_table,
+        lengths,
+    )
+
+
+def _decode_attention_local(q, k_new, v_new, k_cache, v_cache, layer, page_table, lengths, rt):
     from pallas_kernels.paged_decode import api as pd
 
     impl = "pallas" if resolve_decode_impl(rt) == "pallas" else "reference"

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax import engine, kv_cache
+from elastic_jax import engine, kv_cache, sharding
 from elastic_jax.loader import Model
 from elastic_jax.sampling import SamplingParams
 
@@ -161,7 +161,10 @@ def generate_iter(
         tokens[b, : len(p)] = p
         lengths[b] = len(p)
     capacity = engine.capacity_bucket(max(len(p) + m for p, m in zip(ids, budgets)), rt.page_size)
-    cache = kv_cache.create(cfg, B, capacity, page_size=rt.page_size)
+    if model.mesh is None:
+        cache = kv_cache.create(cfg, B, capacity, page_size=rt.page_size)
+    else:
+        cache = sharding.create_cache(cfg, B, capacity, model.mesh, page_size=rt.page_size)
 
     banned_eos = np.zeros((B, cfg.vocab_size), bool)
     banned_eos[:, [s for s in stops if 0 <= s < cfg.vocab_size]] = True
@@ -170,11 +173,12 @@ def generate_iter(
     key = jax.random.PRNGKey(seed)
 
     t0 = time.perf_counter()
-    logits, cache, stats = engine.prefill_step(
-        model.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), cfg, rt
-    )
-    key, sub = jax.random.split(key)
-    tok = engine.sample_step(logits, sub, ban if min_new_tokens > 0 else no_ban, sp)
+    with sharding.mesh_context(model.mesh):  # traces the steps with the mesh (no-op if None)
+        logits, cache, stats = engine.prefill_step(
+            model.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), cfg, rt
+        )
+        key, sub = jax.random.split(key)
+        tok = engine.sample_step(logits, sub, ban if min_new_tokens > 0 else no_ban, sp)
     tok.block_until_ready()
     t_prefill = time.perf_counter()
     prefill_ms = (t_prefill - t0) * 1e3
@@ -190,9 +194,10 @@ def generate_iter(
         if step + 1 < max_steps and not all(done):
             key, sub = jax.random.split(key)
             banned = ban if step + 1 < min_new_tokens else no_ban
-            nxt, cache = engine.decode_sample_step(
-                model.params, cache, tok, sub, banned, cfg, rt, sp
-            )
+            with sharding.mesh_context(model.mesh):
+                nxt, cache = engine.decode_sample_step(
+                    model.params, cache, tok, sub, banned, cfg, rt, sp
+                )
         host = np.asarray(tok)
         now_ms = (time.perf_counter() - t_prefill) * 1e3
         for b in range(n):

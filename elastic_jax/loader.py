@@ -17,6 +17,8 @@ class Model:
     """Everything ``generate()`` needs. Immutable: ``with_runtime(...)`` returns a new Model.
 
     max_cache_tokens: the longest prompt + generation a sequence may reach (bounds the cache).
+    mesh: a ``sharding.make_mesh`` mesh the params are sharded over (None: one device);
+      ``generate`` then runs tensor-parallel (docs/multi_gpu.md).
     """
 
     config: ModelConfig
@@ -24,6 +26,7 @@ class Model:
     tokenizer: Tokenizer | None
     runtime: RuntimeConfig = RuntimeConfig()
     max_cache_tokens: int | None = None
+    mesh: Any = None  # jax.sharding.Mesh | None
 
     @property
     def max_tokens(self) -> int:
@@ -44,11 +47,14 @@ def load_model(
     max_cache_tokens: int | None = None,
     collect_stats: bool = True,
     sharding=None,
+    mesh=None,
 ) -> Model:
     """Load a checkpoint converted by ``python -m convert``.
 
     attention_mode: "elastic" (router decides per head; plain Qwen3 runs dense), or force every
       head "dense", "streaming" or "xattn". Other options: see ``RuntimeConfig``.
+    mesh: a ``elastic_jax.sharding.make_mesh`` mesh: params are restored straight into their
+      tensor-parallel shardings and ``generate`` runs sharded (``sharding`` must then be None).
     """
     rt = RuntimeConfig(
         attention_mode=attention_mode,
@@ -67,6 +73,12 @@ def load_model(
             f"attention_mode={attention_mode!r} needs a PawQwen3 checkpoint (its sink/window/"
             f"XAttention settings); {path} is {cfg.architecture}"
         )
+    if mesh is not None:
+        from elastic_jax import sharding as sharding_lib
+
+        if sharding is not None:
+            raise ValueError("pass either mesh= or sharding=, not both")
+        sharding = sharding_lib.param_state_shardings(cfg, mesh)  # checks head divisibility
     params = checkpoint.load_params(path, cfg, sharding=sharding)
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
-    return Model(cfg, params, tokenizer, rt, max_cache_tokens)
+    return Model(cfg, params, tokenizer, rt, max_cache_tokens, mesh)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax import attention as attn
-from elastic_jax import kv_cache
+from elastic_jax import kv_cache, sharding
 from elastic_jax.config import ModelConfig, RuntimeConfig, rope_inv_freq
 from elastic_jax.layers import apply_rope, chunked_over_time, rms_norm, rope_cos_sin, swiglu_mlp
 from elastic_jax.params import LayerParams, Params
@@ -76,6 +76,7 @@ def layer_prefill(
 
     h: [B, T, E]; cos, sin: [B, T, D]; lengths: int32 [B].
     Returns (h [B, T, E], k [B, T, K, D] post-RoPE, v [B, T, K, D], stats dict of [B, H] arrays).
+    Under a mesh whose model axis m exceeds K, k and v have m kv heads (``sharding``).
     """
     with jax.named_scope("attn_pre"):
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
@@ -85,6 +86,7 @@ def layer_prefill(
     with jax.named_scope("rope"):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k_pre, cos, sin)
+        k, v = sharding.replicate_kv_heads(k, v)  # under a mesh with K < model axis only
     with jax.named_scope("attention"):
         o, stats = attn.prefill_attention(q, k, v, lengths, modes, cfg, rt)
     with jax.named_scope("attn_post"):
@@ -93,6 +95,7 @@ def layer_prefill(
         )
     with jax.named_scope("mlp"):
         h = chunked_over_time(lambda t: _mlp_block(t, lp, cfg), h, rt.prefill_chunk)
+    h = sharding.constrain(h, sharding.HIDDEN)  # no-op without a mesh
     if modes is not None:
         stats = {"modes": modes, **stats}
     if z_kv is not None:
@@ -108,7 +111,7 @@ def final_logits(h: jax.Array, params: Params, cfg: ModelConfig) -> jax.Array:
 
 
 def _embed(params: Params, tokens: jax.Array) -> jax.Array:
-    return jnp.take(params.embed, tokens, axis=0)
+    return sharding.constrain(jnp.take(params.embed, tokens, axis=0), sharding.HIDDEN)
 
 
 def forward(
@@ -161,6 +164,7 @@ def prefill(
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = final_logits(last, params, cfg)
     new_cache = kv_cache.KVCache(k=ck, v=cv, page_table=cache.page_table, lengths=lengths)
+    new_cache = sharding.constrain_cache(new_cache)  # no-op without a mesh
     return logits, new_cache, stats
 
 
@@ -186,6 +190,7 @@ def decode(
             x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
             q, k, v = project_qkv(x, lp, cfg)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k, v = sharding.replicate_kv_heads(k, v)  # under a mesh with K < model axis only
             o = attn.decode_attention(
                 q[:, 0],
                 k[:, 0],
@@ -198,7 +203,7 @@ def decode(
                 rt,
             )
             h = h + jnp.einsum("bhd,hde->be", o, lp.wo)[:, None]
-            h = _mlp_block(h, lp, cfg)
+            h = sharding.constrain(_mlp_block(h, lp, cfg), sharding.HIDDEN)
         ks.append(k)
         vs.append(v)
     with jax.named_scope("cache_write"):
@@ -206,8 +211,8 @@ def decode(
             cache.k, cache.v, pages, slots, jnp.stack(ks), jnp.stack(vs)
         )
     logits = final_logits(h[:, 0], params, cfg)
-    return logits, kv_cache.KVCache(
-        k=ck, v=cv, page_table=cache.page_table, lengths=cache.lengths + 1
+    return logits, sharding.constrain_cache(
+        kv_cache.KVCache(k=ck, v=cv, page_table=cache.page_table, lengths=cache.lengths + 1)
     )
 
 
