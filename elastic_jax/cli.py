@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-impl", default="auto", choices=PREFILL_IMPLS)
     p.add_argument("--decode-impl", default="auto", choices=DECODE_IMPLS)
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive (batch 1)")
+    p.add_argument(
+        "--model-parallel",
+        type=int,
+        default=1,
+        help="shard heads / MLP / KV cache over this many devices (docs/multi_gpu.md)",
+    )
     return p
 
 

@@ -210,3 +210,12 @@ def test_pallas_decode_kernel_in_the_model(tiny_qwen3):
     a = generate(ref, prompts, max_new_tokens=5, stop_token_ids=[])
     b = generate(ker, prompts, max_new_tokens=5, stop_token_ids=[])
     assert a.token_ids == b.token_ids
+
+
+def test_cli_generates(tiny_qwen3, capsys):
+    from elastic_jax.cli import main
+
+    assert main([str(tiny_qwen3[1]), "--prompt", "hello", "--prompt", "the long context",
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[0]" in out and "[1]" in out and "prefill sparsity 0.000" in out
