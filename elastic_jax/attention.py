@@ -18,12 +18,7 @@ import jax.numpy as jnp
 
 from elastic_jax import sharding
 from elastic_jax.config import ModelConfig, RuntimeConfig
-
-MODE_DENSE, MODE_XATTN, MODE_STREAMING = 0, 1, -1
-
-
-def _on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+from pallas_kernels._compat import on_gpu as _on_gpu
 
 
 def resolve_prefill_impl(rt: RuntimeConfig) -> str:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax.config import ModelConfig, RuntimeConfig
-
-MODE_DENSE, MODE_XATTN, MODE_STREAMING = 0, 1, -1
+from elastic_jax.elastic_config import MODE_DENSE, MODE_STREAMING, MODE_XATTN
+from pallas_kernels._compat import on_gpu
 
 
 def _kernel_impls(impl: str) -> tuple[str, str]:
@@ -23,8 +23,7 @@ def _kernel_impls(impl: str) -> tuple[str, str]:
     "pallas" off the GPU runs the Pallas Triton kernels in interpret mode (tests)."""
     if impl in ("reference", "xla"):
         return "reference", "reference"
-    on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
-    return ("auto", "auto") if on_gpu else ("pallas_triton", "pallas_triton")
+    return ("auto", "auto") if on_gpu() else ("pallas_triton", "pallas_triton")
 
 
 def needs_estimate(cfg: ModelConfig, rt: RuntimeConfig) -> bool:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from elastic_jax import attention as attn
 from elastic_jax import kv_cache, sharding
 from elastic_jax.config import ModelConfig, RuntimeConfig, rope_inv_freq
+from elastic_jax.elastic_config import MODE_STREAMING, MODE_XATTN
 from elastic_jax.layers import apply_rope, chunked_over_time, rms_norm, rope_cos_sin, swiglu_mlp
 from elastic_jax.params import LayerParams, Params
 
@@ -47,7 +48,7 @@ def head_modes_for(
 ) -> jax.Array | None:
     """int32 [B, H] per-head prefill modes, or None for the plain dense path."""
     B, H = k_pre.shape[0], cfg.num_heads
-    forced = {"streaming": attn.MODE_STREAMING, "xattn": attn.MODE_XATTN}
+    forced = {"streaming": MODE_STREAMING, "xattn": MODE_XATTN}
     if rt.attention_mode == "dense" or (rt.attention_mode == "elastic" and not cfg.is_elastic):
         return None, None
     if rt.attention_mode in forced:
