@@ -52,7 +52,7 @@ from pallas_kernels.block_sparse_attn import (  # noqa: E402
 )
 from pallas_kernels.block_sparse_attn.config import shape_key  # noqa: E402
 
-B, H, K, D, BS = 1, 32, 8, 128, 128
+B, D, BS = 1, 128, 128
 DENSITIES = (1.0, 0.30, 0.10, 0.05)
 TRITON_SPACE = (
     Config(block_q=128, block_k=128, num_warps=8, num_stages=2),
@@ -66,19 +66,41 @@ MOSAIC_SPACE = (
 )
 
 
-def random_block_mask(rng, n, density):
-    """[1, H, n, n] bool causal block mask: each causal block kept with a probability chosen
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the CPU smoke run changes (fewer heads, interpret mode); built once in main()."""
+
+    q_heads: int = 32  # H
+    kv_heads: int = 8  # K
+    interpret: bool = False  # run the Pallas kernels in interpret mode (CPU)
+
+
+DEVICE_SETTINGS = Settings()
+SMOKE_SETTINGS = Settings(q_heads=4, kv_heads=2, interpret=True)
+
+
+def random_qkv(key, s, st: Settings):
+    """q: [B, s, H, D], k, v: [B, s, K, D], bf16 N(0, 1)."""
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, s, st.q_heads, D), jnp.bfloat16)
+    k = jax.random.normal(kk, (B, s, st.kv_heads, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (B, s, st.kv_heads, D), jnp.bfloat16)
+    return q, k, v
+
+
+def random_block_mask(rng, n, density, heads):
+    """[1, heads, n, n] bool causal block mask: each causal block kept with a probability chosen
     so that about ``density`` of all causal blocks are kept, sink and diagonal always kept."""
     rows = np.arange(n)[:, None]
     cols = np.arange(n)[None, :]
     causal = cols <= rows
     if density >= 1.0:
-        return np.broadcast_to(causal, (B, H, n, n)).copy()
+        return np.broadcast_to(causal, (B, heads, n, n)).copy()
     forced = (cols == 0) | (cols == rows)
     n_causal = n * (n + 1) // 2
     n_forced = int((forced & causal).sum())
     p = max(0.0, (density * n_causal - n_forced) / max(1, n_causal - n_forced))
-    keep = rng.random((B, H, n, n), dtype=np.float32) < p
+    keep = rng.random((B, heads, n, n), dtype=np.float32) < p
     return (keep | forced) & causal
 
 
@@ -132,10 +154,10 @@ def reps_for(est_s):
     return reps, calls
 
 
-def ours_fn(impl, config):
+def ours_fn(impl, config, interpret):
     def f(q, k, v, modes, counts, indices):
         return block_sparse_attention(
-            q, k, v, modes, counts, indices, implementation=impl, config=config, interpret=INTERPRET
+            q, k, v, modes, counts, indices, implementation=impl, config=config, interpret=interpret
         )
 
     return jax.jit(f)
@@ -179,11 +201,11 @@ def flex_block_mask(mask_np, s):
     )
 
 
-def fixed_count_mask(rng, n, count):
-    """[1, H, n, n]: every row keeps its diagonal and ``count - 1`` random earlier blocks."""
+def fixed_count_mask(rng, n, count, heads):
+    """[1, heads, n, n]: every row keeps its diagonal and ``count - 1`` random earlier blocks."""
     rows = np.arange(n)[:, None]
     cols = np.arange(n)[None, :]
-    score = rng.random((B, H, n, n), dtype=np.float32)
+    score = rng.random((B, heads, n, n), dtype=np.float32)
     score = np.where(cols < rows, score, -1.0)  # strictly earlier blocks are candidates
     order = np.argsort(-score, axis=-1)  # best candidates first
     rank = np.empty_like(order)
@@ -191,20 +213,20 @@ def fixed_count_mask(rng, n, count):
     return ((rank < count - 1) & (cols < rows)) | (cols == rows)
 
 
-def overhead_fit(rng, q, k, v, s, log):
+def overhead_fit(rng, q, k, v, s, log, st: Settings):
     """Per-query-tile overhead of each Mosaic variant: time rows keeping exactly 1, 2, 4, 8
     blocks and fit time = a * items + b * tiles (items = query tiles x heads)."""
     n = s // BS
-    modes = jnp.ones((B, H), jnp.int32)
+    modes = jnp.ones((B, st.q_heads), jnp.int32)
     out = {}
     for cfg in MOSAIC_SPACE[:2]:
         pts = []
-        f = ours_fn("pallas_mosaic_gpu", cfg)
+        f = ours_fn("pallas_mosaic_gpu", cfg, st.interpret)
         for c in (1, 2, 4, 8):
-            m = fixed_count_mask(rng, n, c)
+            m = fixed_count_mask(rng, n, c, st.q_heads)
             counts, indices = kept_blocks_from_mask(jnp.asarray(m))
             t, _ = time_jax(f, (q, k, v, modes, counts, indices), 5, 20)
-            pts.append((H * n, int(m.sum()), t))
+            pts.append((st.q_heads * n, int(m.sum()), t))
         a_mat = np.array([[it, ti] for it, ti, _ in pts], np.float64)
         y = np.array([t for *_, t in pts])
         (a, b_), *_ = np.linalg.lstsq(a_mat, y, rcond=None)
@@ -221,14 +243,16 @@ def overhead_fit(rng, q, k, v, s, log):
     return out
 
 
-def autotune(impls, rng, q, k, v, s, log, *, persistent=True):
+def autotune(impls, rng, q, k, v, s, log, st: Settings, *, persistent=True):
     """Time each config of each impl at 100 / 10 / 5 % kept; the best geometric-mean time
     wins. Returns ({impl: best config}, {impl: {config repr: [ms per density]}})."""
     n = s // BS
     dens = (1.0, 0.10, 0.05)
-    lists = [kept_blocks_from_mask(jnp.asarray(random_block_mask(rng, n, x))) for x in dens]
-    modes = jnp.ones((B, H), jnp.int32)
-    est_dense = 4 * B * H * D * (s * s // 2) / 500e12
+    lists = [
+        kept_blocks_from_mask(jnp.asarray(random_block_mask(rng, n, x, st.q_heads))) for x in dens
+    ]
+    modes = jnp.ones((B, st.q_heads), jnp.int32)
+    est_dense = 4 * B * st.q_heads * D * (s * s // 2) / 500e12
     best, timings = {}, {}
     for impl in impls:
         space = MOSAIC_SPACE if impl == "pallas_mosaic_gpu" else TRITON_SPACE
@@ -237,7 +261,7 @@ def autotune(impls, rng, q, k, v, s, log, *, persistent=True):
         scores, timings[impl] = [], {}
         for cfg in space:
             try:
-                f = ours_fn(impl, cfg)
+                f = ours_fn(impl, cfg, st.interpret)
                 ts = []
                 for x, (counts, indices) in zip(dens, lists):
                     _, calls = reps_for(est_dense * x)
@@ -268,18 +292,15 @@ VARIANTS = (
 )
 
 
-def profile_case(s, densities):
+def profile_case(s, densities, st: Settings):
     """One call per density of the autotuned-default Mosaic kernel, for ``ncu`` to capture
     (setup kernels finish first; the attention kernels are the longest ones)."""
-    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(kq, (B, s, H, D), jnp.bfloat16)
-    k = jax.random.normal(kk, (B, s, K, D), jnp.bfloat16)
-    v = jax.random.normal(kv, (B, s, K, D), jnp.bfloat16)
-    f = ours_fn("pallas_mosaic_gpu", MosaicConfig())
-    modes = jnp.ones((B, H), jnp.int32)
+    q, k, v = random_qkv(jax.random.key(1), s, st)
+    f = ours_fn("pallas_mosaic_gpu", MosaicConfig(), st.interpret)
+    modes = jnp.ones((B, st.q_heads), jnp.int32)
     rng = np.random.default_rng(1)
     for dens in densities:
-        m = random_block_mask(rng, s // BS, dens)
+        m = random_block_mask(rng, s // BS, dens, st.q_heads)
         lists = jax.block_until_ready(kept_blocks_from_mask(jnp.asarray(m)))
         tiles = int(m.sum())
         jax.block_until_ready(f(q, k, v, modes, *lists))
@@ -294,8 +315,8 @@ def _multi_item(cfg) -> bool:
     return getattr(cfg, "persistent", False) or getattr(cfg, "heads_per_cta", 1) > 1
 
 
-def main():
-    global INTERPRET, H, K
+def main(argv: list[str] | None = None):
+    """The CLI; ``argv`` defaults to ``sys.argv[1:]`` (callers may pass their own list)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", default="8192,32768,65536,131072")
     ap.add_argument(
@@ -312,17 +333,17 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--profile", default="", help="S:density,... one call each, for ncu")
-    args = ap.parse_args()
-    if args.profile:
+    args = ap.parse_args(argv)
+    if args.profile:  # device shapes, whatever --smoke says
         s_, dens_ = args.profile.split(":")
-        profile_case(int(s_), [float(x) for x in dens_.split(",")])
+        profile_case(int(s_), [float(x) for x in dens_.split(",")], DEVICE_SETTINGS)
         return
+    st = SMOKE_SETTINGS if args.smoke else DEVICE_SETTINGS
     seqs = [int(x) for x in args.seqs.split(",")]
     variants = [v for v in VARIANTS if not (args.no_persistent and _multi_item(v[2]))]
+    no_flex = args.no_flex
     if args.smoke:
-        INTERPRET = True
-        H, K = 4, 2
-        seqs, args.no_flex = [512], True
+        seqs, no_flex = [512], True
         variants = [v for v in variants if v[1] == "pallas_triton"]
     os.makedirs(args.out, exist_ok=True)
     log_lines = []
@@ -333,7 +354,7 @@ def main():
 
     dev = jax.devices()[0]
     versions = dict(jax=jax.__version__, device=dev.device_kind)
-    if not args.no_flex:
+    if not no_flex:
         import torch
         import triton
 
@@ -348,11 +369,8 @@ def main():
     extra = {}
     if args.sweep and not args.smoke:
         s = 32768
-        kq, kk, kv = jax.random.split(jax.random.fold_in(key, s), 3)
-        q = jax.random.normal(kq, (B, s, H, D), jnp.bfloat16)
-        k = jax.random.normal(kk, (B, s, K, D), jnp.bfloat16)
-        v = jax.random.normal(kv, (B, s, K, D), jnp.bfloat16)
-        extra["overhead_fit_S32K"] = overhead_fit(rng, q, k, v, s, log)
+        q, k, v = random_qkv(jax.random.fold_in(key, s), s, st)
+        extra["overhead_fit_S32K"] = overhead_fit(rng, q, k, v, s, log, st)
         _, extra["sweep_ms_at_S32K_100_10_5pct"] = autotune(
             ["pallas_mosaic_gpu", "pallas_triton"],
             rng,
@@ -361,10 +379,11 @@ def main():
             v,
             s,
             log,
+            st,
             persistent=not args.no_persistent,
         )
         del q, k, v
-    flex = None if args.no_flex else flex_setup()
+    flex = None if no_flex else flex_setup()
 
     rows = []  # dict(label, target, seq, density, seconds, tflops)
 
@@ -380,14 +399,11 @@ def main():
             )
         )
 
-    fns = {label: ours_fn(impl, cfg) for label, impl, cfg in variants}
+    fns = {label: ours_fn(impl, cfg, st.interpret) for label, impl, cfg in variants}
     for s in seqs:
         n = s // BS
-        kq, kk, kv = jax.random.split(jax.random.fold_in(key, s), 3)
-        q = jax.random.normal(kq, (B, s, H, D), jnp.bfloat16)
-        k = jax.random.normal(kk, (B, s, K, D), jnp.bfloat16)
-        v = jax.random.normal(kv, (B, s, K, D), jnp.bfloat16)
-        dense_flops = 4 * B * H * D * (s * (s + 1) // 2)
+        q, k, v = random_qkv(jax.random.fold_in(key, s), s, st)
+        dense_flops = 4 * B * st.q_heads * D * (s * (s + 1) // 2)
         est = dense_flops / 500e12
         ref_out = None
         if not args.smoke:
@@ -398,13 +414,13 @@ def main():
                 log(f"S={s} cudnn {t * 1e3:.3f} ms")
             except Exception:  # noqa: BLE001
                 log(f"S={s} cudnn FAILED\n{traceback.format_exc(limit=3)}")
-        masks = {dens: random_block_mask(rng, n, dens) for dens in DENSITIES}
+        masks = {dens: random_block_mask(rng, n, dens, st.q_heads) for dens in DENSITIES}
         lists = {dens: kept_blocks_from_mask(jnp.asarray(m)) for dens, m in masks.items()}
-        modes = jnp.ones((B, H), jnp.int32)
+        modes = jnp.ones((B, st.q_heads), jnp.int32)
         for label, _, _ in variants:
             for dens, m in masks.items():
                 flops = 4 * B * D * kept_pairs(m, s)
-                actual = m.sum() / (H * n * (n + 1) // 2)
+                actual = m.sum() / (st.q_heads * n * (n + 1) // 2)
                 try:
                     reps, calls = reps_for(est * actual)
                     t, out = time_jax(fns[label], (q, k, v, modes, *lists[dens]), reps, calls)
@@ -428,7 +444,7 @@ def main():
             tv = torch.utils.dlpack.from_dlpack(v).permute(0, 2, 1, 3)
             for dens, m in masks.items():
                 flops = 4 * B * D * kept_pairs(m, s)
-                actual = m.sum() / (H * n * (n + 1) // 2)
+                actual = m.sum() / (st.q_heads * n * (n + 1) // 2)
                 try:
                     bm = flex_block_mask(m, s)
                     reps, calls = reps_for(est * actual * 1.5)
@@ -467,7 +483,12 @@ def main():
                 continue
             _, label, cfg = min(cands, key=lambda c: c[0])
             skey = shape_key(
-                batch=B, q_heads=H, kv_heads=K, seq_len=s, head_dim=D, dtype="bfloat16"
+                batch=B,
+                q_heads=st.q_heads,
+                kv_heads=st.kv_heads,
+                seq_len=s,
+                head_dim=D,
+                dtype="bfloat16",
             )
             entry[skey] = dataclasses.asdict(cfg)
             if impl == "pallas_mosaic_gpu":
@@ -531,8 +552,6 @@ def main():
     with open(os.path.join(args.out, "bench_block_sparse_attn.log"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
 
-
-INTERPRET = False
 
 if __name__ == "__main__":
     main()

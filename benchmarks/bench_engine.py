@@ -12,6 +12,9 @@ Sections (each appends rows to the JSON and prints a table at the end):
            fixed random weights), and every head forced to XAttention with synthetic kept-block
            densities (``RuntimeConfig.synthetic_kept_fraction``; the estimate still runs).
   decode   decode tokens/s (Pallas paged decode kernel) at --decode-context for each batch.
+  profile  JAX-profiler kernel breakdown of one dense prefill (cuDNN and Pallas attention) at
+           the first length, and of decode steps at each --profile-decode batch:context, with the
+           decode attention's K/V bandwidth from kernel time alone.
 
 Ideal (dense) = model GEMM FLOPs / measured GEMM rate + 36 x cuDNN attention time.
 Ideal (elastic) = dense measured time - 36 x cuDNN time x (1 - kept fraction) + 36 x estimate time.
@@ -26,10 +29,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.bench_model import bench_decode, bench_prefill, make_config
 from benchmarks.shapes import SHAPES
+from elastic_jax import engine, kv_cache
 from elastic_jax.config import RuntimeConfig
 from elastic_jax.params import init_random
 
@@ -49,6 +52,11 @@ ROUTER_ELASTIC = {
         "enable_ada_sparsity": True,
     },
 }
+
+
+# cuDNN on the GPU; XLA on CPU (smoke runs of the script only).
+_CUDNN = "cudnn" if jax.default_backend() == "gpu" else None
+_DENSE_IMPLS = ("cudnn", "pallas") if jax.default_backend() == "gpu" else ("xla", "pallas")
 
 
 def _median_s(fn, reps: int, *args) -> float:
@@ -74,23 +82,22 @@ def gemm_flops_per_token(shape: str) -> float:
     return 2.0 * s["num_layers"] * per_layer  # the last-token lm_head is negligible
 
 
-def measure_parts(lengths: list[int], reps: int) -> list[dict]:
+def measure_parts(shape: str, lengths: list[int], reps: int) -> list[dict]:
     from pallas_kernels.xattn.api import xattn_select
 
     rows = []
-    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
+    n = 8192 if jax.default_backend() == "gpu" else 512  # CPU: a smoke run of the script
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda x, y: x @ y)
     sec = _median_s(mm, 10, a, b)
-    rows.append({"part": "gemm_8192^3", "ms": sec * 1e3, "tflops": 2 * 8192**3 / sec / 1e12})
+    rows.append({"part": f"gemm_{n}^3", "ms": sec * 1e3, "tflops": 2 * n**3 / sec / 1e12})
     print(rows[-1], flush=True)
-    s = SHAPES["8b"]
+    s = SHAPES[shape]
     H, K, D = s["num_heads"], s["num_kv_heads"], s["head_dim"]
-    cfg = make_config("8b", ROUTER_ELASTIC["full+xattn"])
-    from elastic_jax.router import route
-
-    rparams = init_random(cfg, jax.random.PRNGKey(2)).layers.router
-    layer0 = jax.tree.map(lambda x: x[0], rparams)
+    cfg = make_config(shape, ROUTER_ELASTIC["full+xattn"])
+    # Under jit XLA drops the unused (non-router) weights.
+    rparams = jax.jit(lambda key: init_random(cfg, key).layers.router)(jax.random.PRNGKey(2))
     for T in lengths:
         key = jax.random.PRNGKey(T)
         q = jax.random.normal(key, (1, T, H, D), jnp.bfloat16)
@@ -98,7 +105,7 @@ def measure_parts(lengths: list[int], reps: int) -> list[dict]:
         v = jax.random.normal(jax.random.fold_in(key, 2), (1, T, K, D), jnp.bfloat16)
         att = jax.jit(
             lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation="cudnn"
+                q, k, v, is_causal=True, implementation=_CUDNN
             )
         )
         t_att = _median_s(att, reps, q, k, v)
@@ -110,9 +117,7 @@ def measure_parts(lengths: list[int], reps: int) -> list[dict]:
             )
         )
         t_est = _median_s(est, reps, q, k)
-        n_valid = jnp.array([T], jnp.int32)
-        rt_fn = jax.jit(lambda k, n: route(k, n, layer0, cfg.elastic, H)[0])
-        t_router = _median_s(rt_fn, reps, k, n_valid)
+        t_router = _router_in_jit(cfg, rparams, k, H, reps)
         flops = 4 * H * D * T * (T + 1) / 2
         rows.append(
             {
@@ -128,14 +133,39 @@ def measure_parts(lengths: list[int], reps: int) -> list[dict]:
     return rows
 
 
-def run_prefill(shape, lengths, densities, density_lengths, reps):
+def _router_in_jit(cfg, rparams, k, num_heads: int, reps: int) -> float:
+    """Seconds per layer of the router as the model runs it: all layers in one jit (a scan over
+    the stacked router weights), so per-call dispatch is not counted. Each layer reads its keys
+    at a layer-dependent offset so XLA cannot hoist the pooling out of the loop."""
+    from elastic_jax.router import route
+
+    L, T = jax.tree.leaves(rparams)[0].shape[0], k.shape[1]
+    k_big = jnp.concatenate([k, k[:, :L]], axis=1)  # [1, T + L, K, D]
+    n_valid = jnp.array([T], jnp.int32)
+
+    def all_layers(k_big, n):
+        def body(c, xs):
+            lp, layer = xs
+            k_l = jax.lax.dynamic_slice_in_dim(k_big, layer, T, axis=1)
+            return c, route(k_l, n, lp, cfg.elastic, num_heads)[0]
+
+        return jax.lax.scan(body, 0, (rparams, jnp.arange(L, dtype=jnp.int32)))[1]
+
+    return _median_s(jax.jit(all_layers), reps, k_big, n_valid) / L
+
+
+def run_prefill(shape, lengths, densities, density_lengths, reps, dense_impls=_DENSE_IMPLS):
     rows = []
     cfg_by_mode = {name: make_config(shape, el) for name, el in ROUTER_ELASTIC.items()}
     # One set of weights (router included); the dense rows ignore the router.
     params = jax.jit(init_random, static_argnums=0)(
         cfg_by_mode["full+xattn"], jax.random.PRNGKey(0)
     )
-    cases = [("dense", cfg_by_mode["full+xattn"], RuntimeConfig(attention_mode="dense"))]
+    dense_cfg = cfg_by_mode["full+xattn"]
+    cases = [
+        (f"dense ({impl})", dense_cfg, RuntimeConfig(attention_mode="dense", prefill_impl=impl))
+        for impl in dense_impls
+    ]
     for name, cfg in cfg_by_mode.items():
         cases.append((f"elastic {name}", cfg, RuntimeConfig(attention_mode="elastic")))
     for T in lengths:
@@ -200,7 +230,7 @@ def layer_breakdown(shape: str, T: int, reps: int) -> list[dict]:
             ),
             (q, k, v),
         ),
-        "o_proj": (jax.jit(lambda o: jnp.einsum("bthd,hde->bte", o, lp.wo)), (o,)),
+        "o_proj": (jax.jit(lambda o: model_lib.out_proj(o, lp.wo)), (o,)),
         "mlp block": (jax.jit(lambda h: model_lib._mlp_block(h, lp, cfg)), (h,)),
         "cache write (1 layer)": (
             jax.jit(
@@ -225,6 +255,94 @@ def layer_breakdown(shape: str, T: int, reps: int) -> list[dict]:
         rows.append({"part": "layer_breakdown", "tokens": T, "piece": name, "ms": sec * 1e3})
         print(rows[-1], flush=True)
     return rows
+
+
+def profile_section(
+    shape: str, T: int, decode_points: list[tuple[int, int]], out_dir: str
+) -> list[dict]:
+    """Kernel-level breakdown from the JAX profiler: one dense prefill at T tokens per dense
+    implementation, and decode steps at ``context`` tokens (batch ``batch``) with the decode
+    attention's achieved K/V bandwidth (kernel time only, merge epilogue excluded)."""
+    import os
+
+    from benchmarks.profiling import device_kernel_times
+
+    cfg = make_config(shape)
+    params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+    rows = []
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, T), 0, cfg.vocab_size, jnp.int32)
+    lengths = jnp.array([T], jnp.int32)
+    for impl in ("cudnn", "pallas"):
+        rt = RuntimeConfig(attention_mode="dense", prefill_impl=impl)
+        holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
+
+        def call(i, rt=rt, holder=holder):
+            logits, holder["cache"], _ = engine.prefill_step(
+                params, holder["cache"], tokens, lengths, cfg, rt
+            )
+            return logits
+
+        jax.block_until_ready(call(0))
+        span, busy, per = device_kernel_times(call, 1, os.path.join(out_dir, f"trace_pf_{impl}"))
+        rows.append(
+            {
+                "part": "profile_prefill",
+                "impl": impl,
+                "tokens": T,
+                "span_ms": span / 1e3,
+                "kernels_ms": busy / 1e3,
+                "top": [(n, us / 1e3) for n, us in per.most_common(12)],
+            }
+        )
+        print(json.dumps(rows[-1], indent=1), flush=True)
+        del holder
+    for batch, context in decode_points:
+        rows.append(_profile_decode(params, cfg, batch, context, out_dir))
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    return rows
+
+
+def _profile_decode(params, cfg, batch: int, context: int, out_dir: str) -> dict:
+    import os
+
+    from benchmarks.profiling import device_kernel_times
+
+    rt = RuntimeConfig(attention_mode="dense", decode_impl="pallas")
+    holder = {"cache": _filled_cache(cfg, batch, context, rt.page_size)}
+    tok = jnp.zeros((batch,), jnp.int32)
+
+    def step(i):
+        logits, holder["cache"] = engine.decode_step(params, holder["cache"], tok, cfg, rt)
+        return logits
+
+    jax.block_until_ready(step(0))
+    calls = 5
+    trace = os.path.join(out_dir, f"trace_decode_{batch}_{context}")
+    span, busy, per = device_kernel_times(step, calls, trace)
+    attn_us = sum(us for n, us in per.items() if "paged_decode" in n)
+    kv_bytes = 2 * batch * context * cfg.num_kv_heads * cfg.head_dim * 2 * cfg.num_layers
+    return {
+        "part": "profile_decode",
+        "batch": batch,
+        "context": context,
+        "step_span_ms": span / 1e3,
+        "kernels_ms": busy / 1e3,
+        "paged_decode_kernel_ms": attn_us / 1e3,
+        "decode_attention_tb_s": kv_bytes / (attn_us * 1e-6) / 1e12 if attn_us else None,
+        "top": [(n, us / 1e3) for n, us in per.most_common(12)],
+    }
+
+
+def _filled_cache(cfg, batch: int, context: int, page_size: int):
+    """A paged cache holding ``context`` random tokens per sequence (values do not change decode
+    cost), filled in place so it is never held twice."""
+    import dataclasses
+
+    cache = kv_cache.create(cfg, batch, context + 64, page_size=page_size)
+    fill = jax.jit(lambda x, key: jax.random.normal(key, x.shape, x.dtype), donate_argnums=0)
+    k = fill(cache.k, jax.random.PRNGKey(1))
+    v = fill(cache.v, jax.random.PRNGKey(2))
+    return dataclasses.replace(cache, k=k, v=v, lengths=jnp.full((batch,), context, jnp.int32))
 
 
 def run_decode(shape: str, context: int, batches: list[int], steps: int):
@@ -252,6 +370,10 @@ def main(argv=None):
     p.add_argument("--decode-batch", default="1,8")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--profile-decode", default="1:65536,8:32768", help="batch:context points to profile"
+    )
+    p.add_argument("--trace-dir", default="/tmp/elastic_jax_traces")
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     sections = args.sections.split(",")
@@ -266,7 +388,7 @@ def main(argv=None):
         }
     }
     if "parts" in sections:
-        result["parts"] = measure_parts(lengths, reps=5)
+        result["parts"] = measure_parts(args.shape, lengths, reps=5)
     if "breakdown" in sections:
         result["breakdown"] = layer_breakdown(args.shape, lengths[0], reps=5)
     if "prefill" in sections:
@@ -276,6 +398,13 @@ def main(argv=None):
             [float(x) for x in args.densities.split(",")],
             [int(x) for x in args.density_lengths.split(",")],
             args.reps,
+        )
+    if "profile" in sections:
+        result["profile"] = profile_section(
+            args.shape,
+            lengths[0],
+            [tuple(int(x) for x in p.split(":")) for p in args.profile_decode.split(",")],
+            args.trace_dir,
         )
     if "decode" in sections:
         result["decode"] = run_decode(
@@ -288,5 +417,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

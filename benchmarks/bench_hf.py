@@ -1,7 +1,7 @@
 """Baseline: Hugging Face transformers (torch, SDPA attention) on the same Qwen3 shapes, random
 bf16 weights, on the GPU. Run in its own process (JAX and torch do not share the GPU well).
 
-    python3 benchmarks/bench_hf.py --shape 8b --prefill 32768,65536,131072 \
+    PYTHONPATH=. python3 benchmarks/bench_hf.py --shape 8b --prefill 32768,65536,131072 \
         --decode-context 65536 --decode-batch 1,8 --out $OUT/hf_8b.json
 
 Prefill: ``model(input_ids, use_cache=True, logits_to_keep=1)`` (what ``generate`` runs for the
@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.shapes import SHAPES  # noqa: E402
+from benchmarks.shapes import SHAPES
 
 
 def build(shape: str, device: str = "cuda"):

@@ -38,6 +38,7 @@ import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -58,11 +59,21 @@ SM_SCALE = 1.0 / math.sqrt(D)
 L2_ROTATE_BYTES = 256 << 20  # working set per timed loop, well past the 50 MB L2
 TARGET_LOOP_S = 2e-3  # R calls per timed loop take about this long
 EST_BW = 3.0e12  # only to size R and the reps
-MAX_CALLS = 256
-MAX_CALLS_IN_JIT = 16
 QS_PER_SHAPE = 16  # distinct queries, cycled over the calls
-INTERPRET = False  # --smoke (CPU) sets True
-NUM_SMS_SMOKE = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What the CPU smoke run changes; built once in main() and passed down."""
+
+    interpret: bool = False  # run the Pallas kernel in interpret mode (CPU)
+    num_sms: int | None = None  # SM count for the split candidates; None: the device's
+    max_calls: int = 256  # calls per timed loop (one dispatch each; torch graphs)
+    max_calls_in_jit: int = 16  # calls per timed loop traced into one jitted program
+
+
+DEVICE_SETTINGS = RunSettings()
+SMOKE_SETTINGS = RunSettings(interpret=True, num_sms=4, max_calls=2, max_calls_in_jit=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +84,7 @@ class Shape:
     search: str  # "full": splits, then knobs, then splits again; "splits": splits only
 
 
-SHAPES = [
+SHAPES = (
     Shape(65536, 1, 128, "full"),
     Shape(65536, 8, 128, "full"),
     Shape(131072, 1, 128, "splits"),
@@ -84,14 +95,14 @@ SHAPES = [
     Shape(65536, 8, 64, "full"),
     Shape(65536, 1, 256, "full"),
     Shape(65536, 8, 256, "full"),
-]
+)
 
 # (pages_per_block, page_chunks, num_warps, num_stages) per page size; the K+V tiles of all
 # stages must fit in 227 KB of shared memory (a 128x128 bf16 tile is 32 KB).
-KNOBS = {
-    64: [(2, 1, 4, 3), (2, 1, 4, 2), (2, 1, 8, 3), (1, 1, 4, 4), (4, 1, 4, 1)],
-    128: [(1, 1, 4, 3), (1, 1, 4, 2), (1, 1, 8, 3), (1, 2, 4, 4), (1, 2, 4, 3)],
-    256: [(1, 2, 4, 3), (1, 2, 4, 2), (1, 2, 8, 3), (1, 4, 4, 4), (1, 1, 4, 1)],
+KNOBS: Mapping[int, tuple[tuple[int, int, int, int], ...]] = {
+    64: ((2, 1, 4, 3), (2, 1, 4, 2), (2, 1, 8, 3), (1, 1, 4, 4), (4, 1, 4, 1)),
+    128: ((1, 1, 4, 3), (1, 1, 4, 2), (1, 1, 8, 3), (1, 2, 4, 4), (1, 2, 4, 3)),
+    256: ((1, 2, 4, 3), (1, 2, 4, 2), (1, 2, 8, 3), (1, 4, 4, 4), (1, 1, 4, 1)),
 }
 
 
@@ -111,7 +122,7 @@ def n_calls(t_est: float, cap: int) -> int:
     return int(min(cap, max(4, math.ceil(TARGET_LOOP_S / t_est))))
 
 
-def time_jax(impl, shared, per_call, t_est: float, dispatch: bool = False):
+def time_jax(impl, shared, per_call, t_est: float, rs: RunSettings, dispatch: bool = False):
     """Seconds per call of ``impl(*shared, *per_call(i))``, median over reps.
 
     Default: R calls traced into ONE jitted program (as in a model's decode step) so host
@@ -120,8 +131,8 @@ def time_jax(impl, shared, per_call, t_est: float, dispatch: bool = False):
     ``dispatch=True``: R separate dispatches of a one-call jit, back to back.
     Returns (seconds, (output of call 0, compile seconds)).
     """
-    calls = n_calls(t_est, MAX_CALLS if dispatch else MAX_CALLS_IN_JIT)
-    per = [per_call(i % MAX_CALLS) for i in range(calls)]
+    calls = n_calls(t_est, rs.max_calls if dispatch else rs.max_calls_in_jit)
+    per = [per_call(i % rs.max_calls) for i in range(calls)]
     if dispatch:
         fn = jax.jit(impl)
 
@@ -150,9 +161,9 @@ def time_jax(impl, shared, per_call, t_est: float, dispatch: bool = False):
     return median_s(times), (first, compile_s)
 
 
-def time_torch(torch, call, t_est: float) -> float:
+def time_torch(torch, call, t_est: float, max_calls: int) -> float:
     """Seconds per call of ``call(i)``: R calls captured in one CUDA graph, CUDA events."""
-    calls = n_calls(t_est, MAX_CALLS)
+    calls = n_calls(t_est, max_calls)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -247,15 +258,16 @@ def xla_contiguous_attention(q, k, v):
 
 
 class Bench:
-    def __init__(self, args, torch):
+    def __init__(self, args, torch, rs: RunSettings):
         self.args = args
         self.torch = torch
+        self.rs = rs
         self.t_start = time.perf_counter()
         self.rows: list[dict] = []
         self.table: dict[str, dict] = {}
         self.best_knobs: dict[int, tuple] = {}
         self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch else 132
-        self.num_sms = NUM_SMS_SMOKE or self.num_sms
+        self.num_sms = rs.num_sms or self.num_sms
         self.first_compile = True
 
     def elapsed(self) -> float:
@@ -283,21 +295,25 @@ class Bench:
         if torch is not None:
             x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             y = torch.empty_like(x)
-            t = time_torch(torch, lambda i: y.copy_(x), 2 * 2 * n / EST_BW)
+            t = time_torch(torch, lambda i: y.copy_(x), 2 * 2 * n / EST_BW, self.rs.max_calls)
             print(f"ceiling: torch D2D copy {4 * n / t / 1e12:.3f} TB/s (read+write, 2 GiB)")
             self.rows.append(dict(impl="ceiling: torch copy_", tbps=4 * n / t / 1e12, us=t * 1e6))
-            t = time_torch(torch, lambda i: x.sum(dtype=torch.float32), 2 * n / EST_BW)
+            t = time_torch(
+                torch, lambda i: x.sum(dtype=torch.float32), 2 * n / EST_BW, self.rs.max_calls
+            )
             print(f"ceiling: torch read-only sum {2 * n / t / 1e12:.3f} TB/s (2 GiB)")
             self.rows.append(dict(impl="ceiling: torch sum", tbps=2 * n / t / 1e12, us=t * 1e6))
             del x, y
             torch.cuda.empty_cache()
         xj = jax.random.normal(jax.random.key(9), (n // 4096, 4096), DTYPE)
-        salts = [jnp.asarray(1.0 + i / MAX_CALLS, DTYPE) for i in range(MAX_CALLS)]
+        max_calls = self.rs.max_calls
+        salts = [jnp.asarray(1.0 + i / max_calls, DTYPE) for i in range(max_calls)]
         t, _ = time_jax(
             lambda x, c: jnp.sum(x * c, dtype=jnp.float32),
             (xj,),
             lambda i: (salts[i],),
             2 * n / EST_BW,
+            self.rs,
         )
         print(f"ceiling: XLA read-only sum {2 * n / t / 1e12:.3f} TB/s (2 GiB)")
         self.rows.append(dict(impl="ceiling: XLA sum", tbps=2 * n / t / 1e12, us=t * 1e6))
@@ -308,7 +324,7 @@ class Bench:
 
         def impl(k, v, lens, q, table):
             return paged_decode_pallas(
-                q, k, v, table, lens, sm_scale=SM_SCALE, config=cfg, interpret=INTERPRET
+                q, k, v, table, lens, sm_scale=SM_SCALE, config=cfg, interpret=self.rs.interpret
             )
 
         try:
@@ -317,13 +333,15 @@ class Bench:
                 (k_pages, v_pages, lengths),
                 lambda i: (qs[i % len(qs)], tables[i % len(tables)]),
                 t_est,
+                self.rs,
                 dispatch=dispatch,
             )
         except Exception as e:  # a config that does not fit (smem) or fails to compile
             print(f"  pallas {config_str(cfg)} failed: {type(e).__name__}: {str(e)[:300]}")
             return None, None
         if self.first_compile:
-            print(f"  (compile of {n_calls(t_est, MAX_CALLS_IN_JIT)} calls: {compile_s:.1f}s)")
+            calls = n_calls(t_est, self.rs.max_calls_in_jit)
+            print(f"  (compile of {calls} calls: {compile_s:.1f}s)")
             self.first_compile = False
         err = None if ref is None else rel_err(out, ref)
         return sec, err
@@ -391,6 +409,7 @@ class Bench:
                 (k_pages, v_pages, lengths),
                 lambda i: (qs[i % len(qs)], tables[i % len(tables)]),
                 t_est * 4,
+                self.rs,
             )
             self.record(s, "jnp reference (XLA, paged gather)", sec)
         except Exception as e:
@@ -433,6 +452,7 @@ class Bench:
                 (),
                 lambda i: (qs[i % len(qs)], kcs[i % n_sets_c], vcs[i % n_sets_c]),
                 t_est,
+                self.rs,
             )
             self.record(s, "XLA einsum (contiguous K/V)", sec, err=rel_err(out, ref))
         except Exception as e:
@@ -447,6 +467,7 @@ class Bench:
                 (),
                 lambda i: (qs[i % len(qs)], kbl[i % n_sets_c], vbl[i % n_sets_c]),
                 t_est,
+                self.rs,
             )
             self.record(s, "cuDNN (jax.nn.dpa, [B,L,K,D])", sec, "", rel_err(out[:, 0], ref))
         except Exception as e:
@@ -479,7 +500,7 @@ class Bench:
         except Exception as e:
             choice = f"? ({type(e).__name__})"
         try:
-            sec = time_torch(torch, call, t_est)
+            sec = time_torch(torch, call, t_est, self.rs.max_calls)
             err = None
             if out_ref is not None:
                 got = call(0)[:, :, 0].float().cpu().numpy()
@@ -494,7 +515,7 @@ class Bench:
         ):
             try:
                 with sdpa_kernel([backend]):
-                    sec = time_torch(torch, call, t_est)
+                    sec = time_torch(torch, call, t_est, self.rs.max_calls)
                 self.record(s, f"torch SDPA (enable_gqa, {backend.name})", sec)
             except Exception as e:
                 print(f"  torch SDPA {backend.name}: {type(e).__name__}: {str(e)[:120]}")
@@ -549,10 +570,8 @@ def main():
     except ImportError:
         torch = None
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    rs = SMOKE_SETTINGS if args.smoke else DEVICE_SETTINGS
     if args.smoke:
-        global INTERPRET, NUM_SMS_SMOKE
-        global MAX_CALLS, MAX_CALLS_IN_JIT
-        INTERPRET, NUM_SMS_SMOKE, MAX_CALLS, MAX_CALLS_IN_JIT = True, 4, 2, 2
         shapes = [Shape(1024, 1, 128, "full"), Shape(512, 2, 64, "splits")]
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({_compat.device_kind()}), jax {jax.__version__}")
@@ -560,10 +579,10 @@ def main():
         import triton
 
         print(f"torch {torch.__version__}, triton {triton.__version__}")
-    bench = Bench(args, torch)
+    bench = Bench(args, torch, rs)
     if args.profile:
         for s in shapes:
-            profile_shape(s, args.out)
+            profile_shape(s, args.out, rs)
         return
     if not args.smoke:
         bench.ceilings()
@@ -579,7 +598,7 @@ def main():
     print(md)
 
 
-def profile_shape(s: Shape, out_dir: str, calls: int = 20) -> None:
+def profile_shape(s: Shape, out_dir: str, rs: RunSettings, calls: int = 20) -> None:
     """Kernel-only device time per call (JAX profiler), without host dispatch or launch gaps.
 
     Times the table/heuristic config of ``paged_decode_attention`` and cuDNN through
@@ -597,7 +616,14 @@ def profile_shape(s: Shape, out_dir: str, calls: int = 20) -> None:
     cfg = get_config(s.batch, H, K, max_pages, s.page_size, D, DTYPE, _compat.device_kind())
     pallas = jax.jit(
         lambda q, table: paged_decode_pallas(
-            q, k_pages, v_pages, table, lengths, sm_scale=SM_SCALE, config=cfg, interpret=INTERPRET
+            q,
+            k_pages,
+            v_pages,
+            table,
+            lengths,
+            sm_scale=SM_SCALE,
+            config=cfg,
+            interpret=rs.interpret,
         )
     )
     kbl = jnp.swapaxes(contiguous(k_pages, tables[0], s), 1, 2)

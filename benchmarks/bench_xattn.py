@@ -17,7 +17,11 @@ Timing: warm-up call (compile excluded), then N back-to-back calls between two s
 to about 50 ms), median over 5 such samples; torch the same with ``torch.cuda.synchronize``.
 Inputs: ``synthetic.structured_qk`` (timed; density reported) and i.i.d. N(0, 1) (density).
 
+The official code is vendored (git-ignored) in ``benchmarks/vendor/elastic_xattention_estimate.py``;
+without it, or without torch + triton + CUDA, its rows are recorded as errors and the rest runs.
+
 Usage (device): PYTHONPATH=. python3 benchmarks/bench_xattn.py --out $OUT
+CPU smoke test: PYTHONPATH=. python benchmarks/bench_xattn.py --smoke --out /tmp/xattn_smoke
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -47,24 +50,67 @@ from pallas_kernels.xattn import reference as ref  # noqa: E402
 from pallas_kernels.xattn import select as sel  # noqa: E402
 from pallas_kernels.xattn.config import shape_key  # noqa: E402
 
-H, K, D = 32, 8, 128
-G = H // K
+D = 128
 BS = 128
 THRESHOLD = 0.9
-TARGET_S = 0.05
-SEQS = (32768, 65536, 131072)
-CHECK_SEQ, OFFICIAL_SEQ, SEARCH_SEQ, SELECT_SEQ = 8192, 32768, 65536, 131072
-INTERPRET = False
-CUDNN = "cudnn"
-RESULTS: dict = {"errors": []}
 
-SEARCH = [
+SEARCH = (
     Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
     Config(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=2),
     Config(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
     Config(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
     Config(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4),
-]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Shapes and modes of one run (the CPU smoke run shrinks them); built once in main()."""
+
+    q_heads: int = 32  # H
+    kv_heads: int = 8  # K
+    seqs: tuple[int, ...] = (32768, 65536, 131072)  # S of the table
+    check_seq: int = 8192  # pallas vs reference
+    official_seq: int = 32768  # ours vs the official estimate
+    search_seq: int = 65536  # tiling search
+    select_seq: int = 131072  # selection paths
+    search_space: tuple[Config, ...] = SEARCH
+    interpret: bool = False  # run the Pallas kernels in interpret mode (CPU)
+    dense_impl: str = "cudnn"  # jax.nn.dot_product_attention implementation of the baseline
+    target_s: float = 0.05  # length of one timing sample
+
+    @property
+    def group(self) -> int:  # G = H // K
+        return self.q_heads // self.kv_heads
+
+
+DEVICE_SETTINGS = Settings()
+SMOKE_SETTINGS = Settings(
+    q_heads=4,
+    kv_heads=2,
+    seqs=(2048,),
+    check_seq=2048,
+    official_seq=2048,
+    search_seq=2048,
+    select_seq=2048,
+    search_space=SEARCH[:2],
+    interpret=True,
+    dense_impl="xla",
+    target_s=0.0,
+)
+
+
+@dataclasses.dataclass
+class Run:
+    """One benchmark run: its settings, the results written to ``xattn_bench.json`` and the
+    tiling the search picked per stride. Built in main() and passed to every section."""
+
+    settings: Settings
+    results: dict = dataclasses.field(default_factory=lambda: {"errors": []})
+    best: dict[int, Config] = dataclasses.field(default_factory=dict)  # stride -> tiling
+
+    def best_config(self, stride: int) -> Config:
+        return self.best.get(stride, Config())
 
 
 def log(*a):
@@ -72,31 +118,34 @@ def log(*a):
 
 
 def section(name):
+    """Runs ``fn(run, ...)`` under a heading; an exception is logged and recorded in
+    ``run.results["errors"]`` and the section returns None, so later sections still run."""
+
     def deco(fn):
         @functools.wraps(fn)
-        def run(*a, **kw):
+        def wrapper(run: Run, *a, **kw):
             log(f"\n=== {name} ===")
             t = time.perf_counter()
             try:
-                return fn(*a, **kw)
+                return fn(run, *a, **kw)
             except Exception as e:  # keep going: later sections may still run
-                RESULTS["errors"].append(f"{name}: {type(e).__name__}: {e}"[:2000])
+                run.results["errors"].append(f"{name}: {type(e).__name__}: {e}"[:2000])
                 traceback.print_exc()
                 return None
             finally:
                 log(f"[{name}: {time.perf_counter() - t:.1f}s]")
 
-        return run
+        return wrapper
 
     return deco
 
 
-def time_jax(fn, *args):
+def time_jax(fn, *args, target_s: float):
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     one = time.perf_counter() - t
-    n = max(1, min(100, int(TARGET_S / max(one, 1e-6))))
+    n = max(1, min(100, int(target_s / max(one, 1e-6))))
     samples = []
     for _ in range(5):
         t = time.perf_counter()
@@ -107,7 +156,7 @@ def time_jax(fn, *args):
     return statistics.median(samples)
 
 
-def time_torch(fn):
+def time_torch(fn, target_s: float):
     import torch
 
     fn()
@@ -116,7 +165,7 @@ def time_torch(fn):
     fn()
     torch.cuda.synchronize()
     one = time.perf_counter() - t
-    n = max(1, min(50, int(TARGET_S / max(one, 1e-6))))
+    n = max(1, min(50, int(target_s / max(one, 1e-6))))
     samples = []
     for _ in range(5):
         t = time.perf_counter()
@@ -127,20 +176,26 @@ def time_torch(fn):
     return statistics.median(samples)
 
 
-def inputs(seq, structured, seed=0, batch=1):
+def inputs(st: Settings, seq, structured, seed=0, batch=1):
+    """q: [batch, seq, H, D], k: [batch, seq, K, D] bf16 (structured or i.i.d. N(0, 1))."""
     key = jax.random.key(seed)
     if structured:
         q, k = jax.jit(
             functools.partial(
-                synthetic.structured_qk, batch=batch, seq_len=seq, q_heads=H, kv_heads=K, head_dim=D
+                synthetic.structured_qk,
+                batch=batch,
+                seq_len=seq,
+                q_heads=st.q_heads,
+                kv_heads=st.kv_heads,
+                head_dim=D,
             )
         )(key)
     else:
-        q, k = synthetic.random_qk(key, batch, seq, H, K, D)
+        q, k = synthetic.random_qk(key, batch, seq, st.q_heads, st.kv_heads, D)
     return q, k
 
 
-def select_fn(stride, config, **kw):
+def select_fn(stride, config, interpret, **kw):
     return jax.jit(
         functools.partial(
             xattn_select,
@@ -148,7 +203,7 @@ def select_fn(stride, config, **kw):
             threshold=THRESHOLD,
             block_size=BS,
             implementation="pallas_triton",
-            interpret=INTERPRET,
+            interpret=interpret,
             config=config,
             **kw,
         )
@@ -157,7 +212,7 @@ def select_fn(stride, config, **kw):
 
 # ---------------------------------------------------------------------------------------------
 @section("environment")
-def environment():
+def environment(run: Run):
     dev = jax.devices()[0]
     info = {"device": dev.device_kind, "jax": jax.__version__, "device_kind": _compat.device_kind()}
     try:
@@ -171,15 +226,16 @@ def environment():
         )
     except Exception as e:  # torch/triton are optional for our part
         info["torch_error"] = repr(e)
-    RESULTS["env"] = info
+    run.results["env"] = info
     log(json.dumps(info))
 
 
 @section("correctness: pallas vs reference (8K, B=2, lengths 8192/5123)")
-def check_vs_reference():
+def check_vs_reference(run: Run):
+    st = run.settings
     out = []
-    q, k = inputs(CHECK_SEQ, True, seed=1, batch=2)
-    kv = jnp.asarray([CHECK_SEQ, CHECK_SEQ * 5 // 8 + 3], jnp.int32)
+    q, k = inputs(st, st.check_seq, True, seed=1, batch=2)
+    kv = jnp.asarray([st.check_seq, st.check_seq * 5 // 8 + 3], jnp.int32)
     for stride, sink_rule in ((16, "always"), (8, "official")):
         if True:
             kw = dict(
@@ -195,6 +251,7 @@ def check_vs_reference():
             p = select_fn(
                 stride,
                 None,
+                st.interpret,
                 kv_lengths=kv,
                 return_mask=True,
                 return_scores=True,
@@ -213,19 +270,19 @@ def check_vs_reference():
             )
             out.append(row)
             log(row)
-    RESULTS["check_vs_reference"] = out
+    run.results["check_vs_reference"] = out
 
 
-def official_estimate(q, k, stride):
-    """Returns a zero-arg callable running the vendored official estimate, and its inputs."""
+def official_estimate(q, k, stride, group):
+    """Returns a zero-arg callable running the vendored official estimate on q: [B, S, H, D],
+    k: [B, S, K, D] (K heads repeated ``group`` times beforehand, not timed)."""
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vendor"))
-    from elastic_xattention_estimate import official_prefill_estimate
+    from benchmarks.vendor.elastic_xattention_estimate import official_prefill_estimate
 
     jax.block_until_ready((q, k))
     qt = torch.from_dlpack(q).transpose(1, 2).contiguous()
-    kt = torch.from_dlpack(k).transpose(1, 2).repeat_interleave(G, dim=1).contiguous()
+    kt = torch.from_dlpack(k).transpose(1, 2).repeat_interleave(group, dim=1).contiguous()
     fn = functools.partial(
         official_prefill_estimate, qt, kt, stride=stride, threshold=THRESHOLD, norm=1, block_size=BS
     )
@@ -233,22 +290,28 @@ def official_estimate(q, k, stride):
 
 
 @section("correctness: ours vs the official Triton estimate (32K)")
-def check_vs_official():
+def check_vs_official(run: Run):
+    st = run.settings
     out = []
-    seq = OFFICIAL_SEQ
+    seq = st.official_seq
     for structured in (True, False):
-        q, k = inputs(seq, structured, seed=2)
+        q, k = inputs(st, seq, structured, seed=2)
         for stride in (16, 8):
-            fn = official_estimate(q, k, stride)
+            fn = official_estimate(q, k, stride, st.group)
             sums_o, mask_o = fn()
             nb = seq // BS
             mask_o = mask_o[:, :, :nb, :nb].cpu().numpy()
             sums_o = sums_o[:, :, :nb, :nb].float().cpu().numpy()
             row = dict(structured=structured, stride=stride)
             for rule in ("official", "always"):
-                p = select_fn(stride, None, return_mask=True, return_scores=True, sink_rule=rule)(
-                    q, k
-                )
+                p = select_fn(
+                    stride,
+                    None,
+                    st.interpret,
+                    return_mask=True,
+                    return_scores=True,
+                    sink_rule=rule,
+                )(q, k)
                 row[f"mask_mismatch_{rule}"] = int(np.sum(np.asarray(p.mask) != mask_o))
             ds = np.abs(np.asarray(p.scores, np.float32) - sums_o)
             row.update(
@@ -261,15 +324,14 @@ def check_vs_official():
             out.append(row)
             log(row)
             del fn
-    RESULTS["check_vs_official"] = out
+    run.results["check_vs_official"] = out
 
 
 def official_select_torch(sums, stride, seq):
     """The official float64 find_blocks_chunked, chunk by chunk, on our bf16 sums."""
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vendor"))
-    from elastic_xattention_estimate import find_blocks_chunked
+    from benchmarks.vendor.elastic_xattention_estimate import find_blocks_chunked
 
     t = torch.from_dlpack(sums)
     p2 = 1 << (seq - 1).bit_length()
@@ -288,10 +350,11 @@ def official_select_torch(sums, stride, seq):
 
 
 @section("correctness: selection paths on the same block sums (128K, stride 16)")
-def check_selection(stride=16):
-    seq = SELECT_SEQ
-    q, k = inputs(seq, True, seed=3)
-    cfg = dataclasses.replace(best_config(stride), select_impl="pallas")
+def check_selection(run: Run, stride=16):
+    st = run.settings
+    seq = st.select_seq
+    q, k = inputs(st, seq, True, seed=3)
+    cfg = dataclasses.replace(run.best_config(stride), select_impl="pallas")
     geom = pt.combine_geometry(seq, seq, stride=stride, block_size=BS, config=cfg)
     w, mt, lt = jax.jit(
         functools.partial(
@@ -300,20 +363,20 @@ def check_selection(stride=16):
             norm=1.0,
             block_size=BS,
             config=cfg,
-            interpret=INTERPRET,
+            interpret=st.interpret,
         )
-    )(q, k, jnp.asarray([seq], jnp.int32), jnp.ones((1, H), bool))
+    )(q, k, jnp.asarray([seq], jnp.int32), jnp.ones((1, st.q_heads), bool))
     sums = jax.jit(functools.partial(pt.combine_partials, stride=stride, **geom))(
-        w, mt, lt, jnp.asarray([seq], jnp.int32), jnp.ones((1, H), bool)
+        w, mt, lt, jnp.asarray([seq], jnp.int32), jnp.ones((1, st.q_heads), bool)
     )
     del w, mt, lt, q, k
     kv = jnp.asarray([seq], jnp.int32)
-    act = jnp.ones((1, H), bool)
+    act = jnp.ones((1, st.q_heads), bool)
     row = {}
     for rule in ("always", "official"):
         kw = dict(threshold=THRESHOLD, block_size=BS, q_block_offset=0, sink_rule=rule)
         _, _, m_pal = jax.jit(
-            functools.partial(pt.select_pallas, config=cfg, interpret=INTERPRET, **kw)
+            functools.partial(pt.select_pallas, config=cfg, interpret=st.interpret, **kw)
         )(sums, kv, act)
         _, _, m_xla = jax.jit(functools.partial(sel.select_xla, **kw))(sums, kv, act)
         m_ref = jax.jit(functools.partial(ref.select_mask_reference, **kw))(sums, kv)
@@ -321,35 +384,29 @@ def check_selection(stride=16):
             pallas_vs_xla=int(jnp.sum(m_pal != m_xla)),
             pallas_vs_sort_reference=int(jnp.sum(m_pal != m_ref)),
         )
-        if rule == "official" and not INTERPRET:
+        if rule == "official" and not st.interpret:
             m_off = official_select_torch(sums, stride, seq)
             row[rule]["pallas_vs_official_float64"] = int(np.sum(np.asarray(m_pal) != m_off))
             row[rule]["rows_differing_vs_official"] = int(
                 np.sum(np.any(np.asarray(m_pal) != m_off, axis=-1))
             )
     row["n_blocks"] = int(sums.size)
-    RESULTS["check_selection"] = row
+    run.results["check_selection"] = row
     log(row)
 
 
 # ---------------------------------------------------------------------------------------------
-_BEST: dict = {}
-
-
-def best_config(stride):
-    return _BEST.get(stride, Config())
-
-
 @section("tiling search (64K)")
-def search():
-    seq = SEARCH_SEQ
-    q, k = inputs(seq, True, seed=4)
+def search(run: Run):
+    st = run.settings
+    seq = st.search_seq
+    q, k = inputs(st, seq, True, seed=4)
     kv = jnp.asarray([seq], jnp.int32)
-    act = jnp.ones((1, H), bool)
+    act = jnp.ones((1, st.q_heads), bool)
     rows = []
     for stride in (16, 8):
         best = None
-        for cfg in SEARCH:
+        for cfg in st.search_space:
             try:
                 f = jax.jit(
                     functools.partial(
@@ -358,10 +415,10 @@ def search():
                         norm=1.0,
                         block_size=BS,
                         config=cfg,
-                        interpret=INTERPRET,
+                        interpret=st.interpret,
                     )
                 )
-                t = time_jax(f, q, k, kv, act)
+                t = time_jax(f, q, k, kv, act, target_s=st.target_s)
             except Exception as e:
                 log(f"stride {stride} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 rows.append(dict(stride=stride, config=dataclasses.asdict(cfg), error=str(e)[:300]))
@@ -374,36 +431,40 @@ def search():
             if best is None or t < best[0]:
                 best = (t, cfg)
         if best is not None:
-            _BEST[stride] = best[1]
-    RESULTS["search"] = rows
+            run.best[stride] = best[1]
+    run.results["search"] = rows
 
 
-def flops_estimate(seq, stride):
+def flops_estimate(seq, stride, heads):
     rows = seq // stride
-    return 2.0 * (rows * rows / 2) * stride * D * H
+    return 2.0 * (rows * rows / 2) * stride * D * heads
 
 
-def attn_flops(seq):
-    return 4.0 * seq * seq / 2 * D * H
+def attn_flops(seq, heads):
+    return 4.0 * seq * seq / 2 * D * heads
 
 
 @section("table")
-def table():
+def table(run: Run):
+    st = run.settings
     rows = []
-    for seq in SEQS:
-        q, k = inputs(seq, True, seed=5)
-        v = jax.random.normal(jax.random.key(9), (1, seq, K, D), jnp.bfloat16)
+    for seq in st.seqs:
+        q, k = inputs(st, seq, True, seed=5)
+        v = jax.random.normal(jax.random.key(9), (1, seq, st.kv_heads, D), jnp.bfloat16)
         cudnn = jax.jit(
-            functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=CUDNN)
+            functools.partial(
+                jax.nn.dot_product_attention, is_causal=True, implementation=st.dense_impl
+            )
         )
-        t_cudnn = time_jax(cudnn, q, k, v)
-        log(f"S={seq}: cudnn {t_cudnn * 1e3:.2f} ms ({attn_flops(seq) / t_cudnn / 1e12:.0f} TF/s)")
+        t_cudnn = time_jax(cudnn, q, k, v, target_s=st.target_s)
+        tflops = attn_flops(seq, st.q_heads) / t_cudnn / 1e12
+        log(f"S={seq}: cudnn {t_cudnn * 1e3:.2f} ms ({tflops:.0f} TF/s)")
         del v
-        qr, kr = inputs(seq, False, seed=6)
+        qr, kr = inputs(st, seq, False, seed=6)
         kv = jnp.asarray([seq], jnp.int32)
-        act = jnp.ones((1, H), bool)
+        act = jnp.ones((1, st.q_heads), bool)
         for stride in (16, 8):
-            cfg = best_config(stride)
+            cfg = run.best_config(stride)
             r = dict(seq=seq, stride=stride, config=dataclasses.asdict(cfg), cudnn_ms=t_cudnn * 1e3)
             score = jax.jit(
                 functools.partial(
@@ -412,24 +473,24 @@ def table():
                     norm=1.0,
                     block_size=BS,
                     config=cfg,
-                    interpret=INTERPRET,
+                    interpret=st.interpret,
                 )
             )
             geom = pt.combine_geometry(seq, seq, stride=stride, block_size=BS, config=cfg)
             combine = jax.jit(functools.partial(pt.combine_partials, stride=stride, **geom))
             kw = dict(threshold=THRESHOLD, block_size=BS, q_block_offset=0)
             sel_p = jax.jit(
-                functools.partial(pt.select_pallas, config=cfg, interpret=INTERPRET, **kw)
+                functools.partial(pt.select_pallas, config=cfg, interpret=st.interpret, **kw)
             )
             sel_x = jax.jit(functools.partial(sel.select_xla, **kw))
-            r["score_ms"] = time_jax(score, q, k, kv, act) * 1e3
-            r["score_tflops"] = flops_estimate(seq, stride) / r["score_ms"] / 1e9
+            r["score_ms"] = time_jax(score, q, k, kv, act, target_s=st.target_s) * 1e3
+            r["score_tflops"] = flops_estimate(seq, stride, st.q_heads) / r["score_ms"] / 1e9
             parts = score(q, k, kv, act)
-            r["combine_ms"] = time_jax(combine, *parts, kv, act) * 1e3
+            r["combine_ms"] = time_jax(combine, *parts, kv, act, target_s=st.target_s) * 1e3
             sums = combine(*parts, kv, act)
             del parts
-            r["select_pallas_ms"] = time_jax(sel_p, sums, kv, act) * 1e3
-            r["select_xla_ms"] = time_jax(sel_x, sums, kv, act) * 1e3
+            r["select_pallas_ms"] = time_jax(sel_p, sums, kv, act, target_s=st.target_s) * 1e3
+            r["select_xla_ms"] = time_jax(sel_x, sums, kv, act, target_s=st.target_s) * 1e3
             r["density_structured"] = synthetic.causal_density(sel_p(sums, kv, act)[2])
             del sums
             sums_r = combine(*score(qr, kr, kv, act), kv, act)
@@ -437,14 +498,14 @@ def table():
             del sums_r
             impl = "pallas" if r["select_pallas_ms"] <= r["select_xla_ms"] else "xla"
             r["select_impl"] = impl
-            full = select_fn(stride, dataclasses.replace(cfg, select_impl=impl))
-            r["ours_ms"] = time_jax(full, q, k) * 1e3
+            full = select_fn(stride, dataclasses.replace(cfg, select_impl=impl), st.interpret)
+            r["ours_ms"] = time_jax(full, q, k, target_s=st.target_s) * 1e3
             r["ratio"] = r["ours_ms"] / r["cudnn_ms"]
             try:
                 import torch
 
-                off = official_estimate(q, k, stride)
-                r["official_ms"] = time_torch(off) * 1e3
+                off = official_estimate(q, k, stride, st.group)
+                r["official_ms"] = time_torch(off, st.target_s) * 1e3
                 r["official_ratio"] = r["official_ms"] / r["cudnn_ms"]
                 m_off = off()[1]
                 nb = seq // BS
@@ -454,13 +515,13 @@ def table():
                 del off, m_off
                 torch.cuda.empty_cache()
             except Exception as e:
-                RESULTS["errors"].append(f"official S={seq} stride={stride}: {e}"[:500])
+                run.results["errors"].append(f"official S={seq} stride={stride}: {e}"[:500])
                 traceback.print_exc()
             rows.append(r)
             log({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in r.items()})
         del q, k, qr, kr
         gc.collect()
-    RESULTS["table"] = rows
+    run.results["table"] = rows
     return rows
 
 
@@ -499,25 +560,20 @@ def main():
         help="CPU smoke run: tiny sizes, interpret mode, XLA attention, no torch",
     )
     args = ap.parse_args()
-    if args.smoke:
-        global SEQS, CHECK_SEQ, OFFICIAL_SEQ, SEARCH_SEQ, SELECT_SEQ, INTERPRET, CUDNN, H, K, G
-        global SEARCH, TARGET_S
-        SEQS = (2048,)
-        CHECK_SEQ = OFFICIAL_SEQ = SEARCH_SEQ = SELECT_SEQ = 2048
-        INTERPRET, CUDNN, H, K, G, TARGET_S = True, "xla", 4, 2, 2, 0.0
-        SEARCH = SEARCH[:2]
-    environment()
+    run = Run(SMOKE_SETTINGS if args.smoke else DEVICE_SETTINGS)
+    results = run.results
+    environment(run)
     if not args.skip_checks:
-        check_vs_reference()
-        check_vs_official()
+        check_vs_reference(run)
+        check_vs_official(run)
     if not args.skip_search:
-        search()
+        search(run)
     if not args.skip_checks:
-        check_selection()
-    rows = table() or []
+        check_selection(run)
+    rows = table(run) or []
     autotune = {}
-    for stride, cfg in _BEST.items():
-        for seq in SEQS:
+    for stride, cfg in run.best.items():
+        for seq in run.settings.seqs:
             autotune[
                 shape_key(stride=stride, block_size=BS, head_dim=D, seq_len=seq, dtype="bfloat16")
             ] = dataclasses.asdict(cfg)
@@ -527,15 +583,15 @@ def main():
         )
         if key in autotune:
             autotune[key]["select_impl"] = r["select_impl"]
-    RESULTS["autotune"] = {RESULTS.get("env", {}).get("device_kind", "unknown"): autotune}
+    results["autotune"] = {results.get("env", {}).get("device_kind", "unknown"): autotune}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "xattn_bench.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
-    md = markdown(rows, RESULTS.get("env", {})) if rows else "(no table)"
+        json.dump(results, f, indent=1, default=str)
+    md = markdown(rows, results.get("env", {})) if rows else "(no table)"
     with open(os.path.join(args.out, "xattn_table.md"), "w") as f:
         f.write(md + "\n")
     log("\n" + md)
-    log("errors:", RESULTS["errors"])
+    log("errors:", results["errors"])
 
 
 if __name__ == "__main__":

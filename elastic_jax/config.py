@@ -297,9 +297,10 @@ class RuntimeConfig:
 
     attention_mode: "elastic" follows the router (plain Qwen3: dense); "dense", "streaming" and
       "xattn" force every head into one mode regardless of the router (paper baselines).
-    prefill_impl: "auto" (GPU: Pallas kernels, cuDNN for all-dense prefill; CPU: references),
-      "reference" (pure jnp), "pallas", "cudnn" (dense prefill only), "xla" (our chunked jnp
-      dense attention).
+    prefill_impl: "auto" (GPU: Pallas kernels; all-dense prefill through our block-sparse kernel
+      with every head dense on Hopper, cuDNN on other GPUs; CPU: references), "reference"
+      (pure jnp), "pallas" (Pallas kernels only), "cudnn" (cuDNN for all-dense prefill),
+      "xla" (our chunked jnp dense attention).
     decode_impl: "auto" (GPU: Pallas paged decode kernel; CPU: reference), "reference", "pallas".
     prefill_chunk: tokens per chunk for the per-token work of prefill (projections, MLP, the
       reference attention's query tiles): bounds memory for long prompts.

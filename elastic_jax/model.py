@@ -38,6 +38,17 @@ def project_qkv(x: jax.Array, lp: LayerParams, cfg: ModelConfig):
     return rms_norm(q, lp.q_norm, cfg.rms_norm_eps), rms_norm(k, lp.k_norm, cfg.rms_norm_eps), v
 
 
+def out_proj(o: jax.Array, wo: jax.Array) -> jax.Array:
+    """o: [..., H, D] attention output, wo: [H, D, E] -> [..., E].
+
+    One contracting dim (H*D) instead of two: with (h, d) contracted XLA on GPU turned the decode
+    projection into a batched cuBLAS GEMV that needed a copy of each layer's wo slice every step
+    (~0.7 ms per 8B decode step, found with the profiler); the flattened form reads it in place.
+    """
+    H, D, E = wo.shape
+    return jnp.einsum("...k,ke->...e", o.reshape(*o.shape[:-2], H * D), wo.reshape(H * D, E))
+
+
 def _mlp_block(h: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
     x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
     return h + swiglu_mlp(x, lp.w_gate, lp.w_up, lp.w_down)
@@ -91,9 +102,7 @@ def layer_prefill(
     with jax.named_scope("attention"):
         o, stats = attn.prefill_attention(q, k, v, lengths, modes, cfg, rt)
     with jax.named_scope("attn_post"):
-        h = h + chunked_over_time(
-            lambda t: jnp.einsum("bthd,hde->bte", t, lp.wo), o, rt.prefill_chunk
-        )
+        h = h + chunked_over_time(lambda t: out_proj(t, lp.wo), o, rt.prefill_chunk)
     with jax.named_scope("mlp"):
         h = chunked_over_time(lambda t: _mlp_block(t, lp, cfg), h, rt.prefill_chunk)
     h = sharding.constrain(h, sharding.HIDDEN)  # no-op without a mesh
@@ -203,7 +212,7 @@ def decode(
                 cache.lengths,
                 rt,
             )
-            h = h + jnp.einsum("bhd,hde->be", o, lp.wo)[:, None]
+            h = h + out_proj(o, lp.wo)[:, None]
             h = sharding.constrain(_mlp_block(h, lp, cfg), sharding.HIDDEN)
         ks.append(k)
         vs.append(v)

@@ -212,10 +212,54 @@ def test_pallas_decode_kernel_in_the_model(tiny_qwen3):
     assert a.token_ids == b.token_ids
 
 
+def test_pallas_dense_prefill_in_the_model(tiny_qwen3):
+    """Dense prefill through our block-sparse kernel with every head dense (interpret mode on
+    CPU) gives the reference's last-token logits on a ragged, right-padded batch."""
+    base = load_model(tiny_qwen3[1], page_size=16, prefill_impl="reference")
+    rng = np.random.default_rng(11)
+    lengths = np.array([200, 77])
+    tokens = jnp.asarray(rng.integers(3, 512, (2, 256)), jnp.int32)
+    outs = []
+    for impl in ("reference", "pallas"):
+        m = base.with_runtime(prefill_impl=impl)
+        cache = kv_cache.create(m.config, 2, 272, page_size=16)
+        logits, cache, _ = engine.prefill_step(
+            m.params, cache, tokens, jnp.asarray(lengths, jnp.int32), m.config, m.runtime
+        )
+        outs.append(np.asarray(logits))
+    assert np.isfinite(outs[1]).all()
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-4, rtol=2e-4)
+
+
 def test_cli_generates(tiny_qwen3, capsys):
     from elastic_jax.cli import main
 
-    assert main([str(tiny_qwen3[1]), "--prompt", "hello", "--prompt", "the long context",
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                str(tiny_qwen3[1]),
+                "--prompt",
+                "hello",
+                "--prompt",
+                "the long context",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "[0]" in out and "[1]" in out and "prefill sparsity 0.000" in out
+
+
+@pytest.mark.parametrize(
+    "impl, kernel",
+    [("auto", "reference"), ("reference", "reference"), ("xla", "reference"),
+     ("pallas", "triton"), ("cudnn", "cudnn")],
+)  # fmt: skip
+def test_dense_prefill_kernel_choice_on_cpu(impl, kernel):
+    from elastic_jax.attention import dense_prefill_kernel
+    from elastic_jax.config import RuntimeConfig
+
+    q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    assert dense_prefill_kernel(q, RuntimeConfig(prefill_impl=impl)) == kernel

@@ -14,8 +14,12 @@ TASKS = "hotpotqa_e,trec_e,samsum_e,multifieldqa_zh,lcc_e"
 
 def test_tiny_checkpoint_through_the_harness(tiny_paw_checkpoints, tmp_path):
     _, conv = tiny_paw_checkpoints(elastic={"retrieval_mode": "xattn", "toggle_type": "streaming"})
-    kwargs = dict(attention_modes=["dense", "elastic"], limit=1, progress=False,
-                  model_options={"prefill_impl": "reference"})
+    kwargs = dict(
+        attention_modes=["dense", "elastic"],
+        limit=1,
+        progress=False,
+        model_options={"prefill_impl": "reference"},
+    )
     first = run_longbench(conv, FIXTURES, TASKS, tmp_path, **kwargs)
     preds = {p: p.read_text() for p in sorted(tmp_path.glob("*/*.jsonl"))}
     assert len(preds) == 10  # 5 tasks x 2 modes
@@ -32,5 +36,6 @@ def test_tiny_checkpoint_through_the_harness(tiny_paw_checkpoints, tmp_path):
     # A second run resumes: nothing regenerated, files unchanged, same results.
     second = run_longbench(conv, FIXTURES, TASKS, tmp_path, **kwargs)
     assert {p: p.read_text() for p in sorted(tmp_path.glob("*/*.jsonl"))} == preds
-    assert json.dumps(first, sort_keys=True, default=str) == json.dumps(second, sort_keys=True,
-                                                                        default=str)
+    assert json.dumps(first, sort_keys=True, default=str) == json.dumps(
+        second, sort_keys=True, default=str
+    )

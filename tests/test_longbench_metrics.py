@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import random
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -183,26 +187,149 @@ def test_qa_f1_counts_repeated_tokens_as_a_multiset():
 def test_rouge_edge_cases():
     assert M.rouge_score("...", "a b") == 0.0  # no sentence left after splitting on "."
     assert M.rouge_score("a b", "") == 0.0  # empty reference
+    assert M.rouge_score(None, "a b") == 0.0  # eval.py's bare except also hides a non-str
     # Whitespace-only segment: hyp sentences ["a b", ""] -> words {a, b, ""}: n = 3, m = 2,
     # LCS {a, b} -> P 2/3, R 1.
     assert M.rouge_score("a b. .", "a b") == pytest.approx(rouge_f(2 / 3, 1.0), abs=1e-12)
 
 
-def test_rouge_recursion_quirk_matches_official_threshold():
-    # The rouge package backtracks the LCS recursively; eval.py calls it 4 frames deep (5 for
-    # zh), so with CPython's limit of 1000 an identical unpunctuated 990-word pair still scores
-    # and a 991-word pair raises RecursionError -> 0.0. The result must not depend on how deep
-    # our caller is.
-    def text(n):
-        return " ".join(f"w{i}" for i in range(n))
+def unpunctuated(n: int) -> str:
+    return " ".join(f"w{i}" for i in range(n))
 
+
+def test_rouge_recursion_quirk_matches_official_threshold():
+    # The rouge package backtracks the LCS recursively, one frame per step plus the base case;
+    # eval.py calls get_scores 4 frames deep (5 for zh) and 5 more frames lead to the backtrack,
+    # so with CPython's limit of 1000 an identical unpunctuated pair of 1000 - 4 - 5 - 1 = 990
+    # words still scores and 991 words raise RecursionError -> 0.0 (989 / 990 for zh). The
+    # result must not depend on how deep our caller is.
     def deep(k, fn, *args):
         return deep(k - 1, fn, *args) if k else fn(*args)
 
-    ok, too_long = text(990), text(991)
+    ok, too_long = unpunctuated(990), unpunctuated(991)
     assert M.rouge_score(ok, ok) == pytest.approx(rouge_f(1.0, 1.0))
     assert deep(400, M.rouge_score, ok, ok) == pytest.approx(rouge_f(1.0, 1.0))
     assert M.rouge_score(too_long, too_long) == 0.0
+    # jieba keeps "w12" whole; the joined spaces are squashed again by the sentence split.
+    assert M.rouge_zh_score(unpunctuated(989), unpunctuated(989)) == pytest.approx(rouge_f(1, 1))
+    assert M.rouge_zh_score(ok, ok) == 0.0
+    # Only the backtrack of one sentence pair counts: ten 100-word sentences score.
+    many = ". ".join(" ".join(f"w{i}" for i in range(k, k + 100)) for k in range(0, 1000, 100))
+    assert M.rouge_score(many, many) == pytest.approx(rouge_f(1.0, 1.0))
+
+
+def official_rouge_score(prediction: str, ground_truth: str) -> float:
+    """LongBench metrics.py `rouge_score`, with the PyPI rouge package it calls."""
+    rouge = pytest.importorskip("rouge")
+    try:
+        scores = rouge.Rouge().get_scores([prediction], [ground_truth], avg=True)
+    except Exception:  # official: a bare except
+        return 0.0
+    return scores["rouge-l"]["f"]
+
+
+def random_text(rng: random.Random, vocab: Sequence[str]) -> str:
+    # Random separators make empty / whitespace-only / "."-only sentences and repeated words.
+    seps = [" ", "  ", "\t", "\n", "", ".", ". ", " . ", "..", "\u3000"]
+    return "".join(rng.choice(vocab) + rng.choice(seps) for _ in range(rng.randrange(0, 20)))
+
+
+EN_VOCAB = ["a", "b", "c", "the", "The", "cat", "x.", ".", "...", "a.b", "!", "?", ",", "é", "-"]
+ZH_VOCAB = "会议 讨论 了 预算 问题 小明 在 学校 。 ， ！ . a 1".split()
+
+
+def test_rouge_matches_the_rouge_package_bit_for_bit():
+    jieba = pytest.importorskip("jieba")
+    rng = random.Random(1234)
+    fixed = ["", " ", ".", "...", ". .", "!!!", "。。", "a", "a a a", "a.a.a", "the the. the"]
+    pairs = [(h, r) for h in fixed for r in fixed]  # every empty / punctuation-only combination
+    pairs += [(random_text(rng, EN_VOCAB), random_text(rng, EN_VOCAB)) for _ in range(300)]
+    pairs += [(r, r) for _, r in pairs[-20:]]  # identical pairs
+    scored = 0
+    for hyp, ref in pairs:
+        want = official_rouge_score(hyp, ref)
+        assert M.rouge_score(hyp, ref).hex() == float(want).hex(), (hyp, ref)
+        scored += want > 0
+    zh_pairs = [(random_text(rng, ZH_VOCAB), random_text(rng, ZH_VOCAB)) for _ in range(200)]
+    for hyp, ref in zh_pairs + [("", "会议"), ("。", "。"), ("会议。", "会议")]:
+        want = official_rouge_score(*(" ".join(jieba.cut(t, cut_all=False)) for t in (hyp, ref)))
+        assert M.rouge_zh_score(hyp, ref).hex() == float(want).hex(), (hyp, ref)
+        scored += want > 0
+    assert scored > 200  # most pairs overlap, so the LCS path is exercised, not only the 0.0s
+
+
+# LongBench eval.py's call chain around the rouge package (metrics.py's rouge_score and
+# rouge_zh_score as published; scorer reduced to its loop). Run as a fresh interpreter's
+# top-level script so the stack depth is the official one.
+EVAL_PY_CHAIN = """
+import json, sys
+import jieba
+from rouge import Rouge
+
+def rouge_score(prediction, ground_truth, **kwargs):
+    rouge = Rouge()
+    try:
+        scores = rouge.get_scores([prediction], [ground_truth], avg=True)
+    except:
+        return 0.0
+    return scores["rouge-l"]["f"]
+
+def rouge_zh_score(prediction, ground_truth, **kwargs):
+    prediction = " ".join(list(jieba.cut(prediction, cut_all=False)))
+    ground_truth = " ".join(list(jieba.cut(ground_truth, cut_all=False)))
+    score = rouge_score(prediction, ground_truth)
+    return score
+
+dataset2metric = {"rouge": rouge_score, "rouge_zh": rouge_zh_score}
+
+def scorer(dataset, predictions, answers):
+    scores = []
+    for (prediction, ground_truth) in zip(predictions, answers):
+        scores.append(dataset2metric[dataset](prediction, ground_truth))
+    return scores
+
+cases = json.loads(sys.stdin.read())
+out = {}
+for dataset in cases:
+    out[dataset] = scorer(dataset, *cases[dataset])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="CPython <= 3.10 also counts every comparison"
+)
+def test_rouge_recursion_threshold_matches_eval_py_run():
+    pytest.importorskip("rouge")
+    pytest.importorskip("jieba")
+    # (prediction, reference) pairs around the threshold; "-> n" is the number of `_recon`
+    # calls, 991 at most for en. Identical texts: words + 1. One extra hypothesis word at the
+    # end: the backtrack first steps left, then runs down the diagonal (words + 2). Leading
+    # words that do not match: the last step before the base case compares table entries.
+    lead = " ".join(["z", *unpunctuated(989).split()]), " ".join(["p0", "p1", unpunctuated(989)])
+    en = [
+        (unpunctuated(990), unpunctuated(990)),  # -> 991, scores
+        (unpunctuated(991), unpunctuated(991)),  # -> 992, 0.0
+        (unpunctuated(989) + " v", unpunctuated(989)),  # -> 991, scores
+        (unpunctuated(990) + " v", unpunctuated(990)),  # -> 992, 0.0
+        lead,  # 989 diagonal steps, 1 left step, base case -> 991, scores
+    ]
+    zh = [(unpunctuated(989),) * 2, (unpunctuated(990),) * 2]  # one frame deeper: 990 / 991
+    cases = {"rouge": list(zip(*en)), "rouge_zh": list(zip(*zh))}
+    proc = subprocess.run(
+        [sys.executable, "-c", EVAL_PY_CHAIN],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    official = json.loads(proc.stdout)
+    assert official["rouge"][1::2] == [0.0, 0.0] and official["rouge_zh"][1] == 0.0  # it fired
+    assert all(x > 0.99 for x in official["rouge"][0::2] + official["rouge_zh"][:1])
+    for metric, (preds, refs) in cases.items():
+        ours = [M.METRICS[metric](p, r) for p, r in zip(preds, refs)]
+        assert [x.hex() for x in ours] == [float(x).hex() for x in official[metric]], metric
 
 
 def test_classification_substring_rules():

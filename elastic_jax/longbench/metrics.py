@@ -7,11 +7,12 @@ max-over-answers rule. Quirks kept on purpose (each is marked "official quirk" b
 
 * qa F1 (en): SQuAD normalisation (lowercase, ASCII punctuation removed, articles a/an/the removed).
 * qa F1 (zh): jieba precise-mode tokens, each normalised (CJK + ASCII punctuation removed).
-* ROUGE-L: the PyPI `rouge==1.0.1` package (what the official code calls): sentences are split on
-  ASCII "." only, word sets are *unique* words (exclusive=True), and any exception -- empty
-  prediction, or RecursionError in its recursive LCS backtrack on very long unpunctuated text --
-  scores 0.0. We call it at the official stack depth so that RecursionError fires exactly where
-  it fires in eval.py, whatever the caller's depth (see `_rouge_get_scores`).
+* ROUGE-L: the PyPI `rouge==1.0.1` package (what the official code calls), ported to an iterative
+  LCS with bit-identical results: sentences are split on ASCII "." only, word sets are *unique*
+  words (exclusive=True), and any exception -- empty prediction, or RecursionError in its
+  recursive LCS backtrack on very long unpunctuated text -- scores 0.0. The RecursionError is
+  predicted by counting the frames eval.py would have on the stack (see `_rouge_l_f`), so the
+  score does not depend on where we are called from.
 * rouge zh: jieba tokens joined by spaces, then the English ROUGE ("。" is not a sentence break).
 * classification: substring matches, then the reference's remove-while-iterating loop (skips the
   element after each removal).
@@ -22,13 +23,9 @@ max-over-answers rule. Quirks kept on purpose (each is marked "official quirk" b
 
 from __future__ import annotations
 
-import _thread
 import difflib
 import re
 import string
-import sys
-import threading
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -90,85 +87,100 @@ def qa_f1_zh_score(prediction: str, ground_truth: str, **kwargs) -> float:
     return f1_score(pred_tokens, gold_tokens)
 
 
-# Python frame depth at which eval.py calls `Rouge.get_scores`: <module> -> scorer[_e] ->
-# rouge_score -> get_scores (4); rouge_zh_score adds one frame (5). The rouge package's LCS
-# backtrack recurses once per step, so whether a long sentence pair raises RecursionError (and
-# scores 0.0) depends on this depth; with CPython's default limit of 1000 an identical
-# unpunctuated English pair of 990 words still scores, 991 words scores 0.0.
-_OFFICIAL_GET_SCORES_DEPTH = {"en": 4, "zh": 5}
-_OFFICIAL_RECURSION_LIMIT = 1000
+# --- ROUGE-L: our iterative port of the PyPI `rouge==1.0.1` package that eval.py calls -------
+#
+# Official quirk (LongBench metrics.py `rouge_score`): `Rouge().get_scores([pred], [ref],
+# avg=True)` inside a bare `try: ... except: return 0.0`. Besides empty inputs, the package's LCS
+# backtrack (`rouge_score._recon_lcs` -> `_recon`) recurses once per step, so a long unpunctuated
+# sentence pair raises RecursionError and scores 0.0. Whether it does depends only on how many
+# Python frames eval.py has on the stack, so we count them instead of recursing:
+#   <module> -> scorer[_e] -> rouge_score -> get_scores          frames 1-4 (rouge_zh_score: 1-5)
+#   -> _get_avg_scores -> <lambda> -> rouge_l_summary_level -> _union_lcs -> _recon_lcs  (5 more)
+#   -> one `_recon` frame per backtrack step plus one for the base case,
+# all within CPython's default recursion limit of 1000: an identical unpunctuated English pair of
+# 990 words scores, one of 991 words scores 0.0. This count is exact for CPython >= 3.12. CPython
+# 3.11 also charges a transient unit or two to the dict-key comparisons of a non-matching step
+# (one with an index >= 257 right above the limit fails there too), and <= 3.10 one to every
+# comparison (threshold one word lower); LongBench does not record its Python version.
+_GET_SCORES_DEPTH_EN = 4
+_GET_SCORES_DEPTH_ZH = 5
+_GET_SCORES_TO_RECON_LCS = 5  # frames below get_scores down to _recon_lcs, included
+_OFFICIAL_RECURSION_LIMIT = 1000  # CPython's default sys.getrecursionlimit()
 
 
-def _frame_depth(frame) -> int:
-    depth = 0
-    while frame is not None:
-        depth += 1
-        frame = frame.f_back
-    return depth
+def _rouge_sentences(text: str) -> list[str]:
+    """`Rouge.get_scores` sentence split: on ASCII "." only, whitespace squashed, "" segments
+    dropped (a whitespace-only segment stays as the sentence "")."""
+    return [" ".join(s.split()) for s in text.split(".") if len(s) > 0]
 
 
-def _pad_then_score(pad: int, hyp: str, ref: str) -> dict:
-    # Plain Python->Python recursion (no C frame in between) so each level costs exactly one
-    # unit of the recursion limit, as the official call chain does.
-    if pad > 0:
-        return _pad_then_score(pad - 1, hyp, ref)
-    from rouge import Rouge
+def _lcs_backtrack(x: Sequence[str], y: Sequence[str]) -> tuple[set[str], int]:
+    """Words of x on the rouge package's LCS backtrack of (x, y), and its number of `_recon` calls.
 
-    return Rouge().get_scores([hyp], [ref], avg=True)
-
-
-def _rouge_worker(box: dict, done, depth: int, hyp: str, ref: str) -> None:
-    try:
-        here = _frame_depth(sys._getframe())
-        # get_scores lands at here + 1 (pad frames) + 1 (itself) + pad.
-        pad = max(depth - here - 2, 0)
-        box["scores"] = _pad_then_score(pad, hyp, ref)
-    except Exception as e:  # handed back to the caller, which scores it like the official code
-        box["error"] = e
-    finally:
-        done.set()
-
-
-def _rouge_get_scores(hyp: str, ref: str, depth: int) -> dict:
-    """`Rouge().get_scores([hyp], [ref], avg=True)` run with `depth` Python frames on the stack.
-
-    A fresh low-level thread starts with an empty Python stack, so the result (including the
-    official RecursionError -> 0.0 quirk) does not depend on where the scorer is called from
-    (pytest, a notebook, our runner). Raises whatever get_scores raised.
+    x: [n] reference words, y: [m] hypothesis words. Same DP table and the same tie-breaking as
+    `_recon` (match -> diagonal; else up if table[i-1][j] > table[i][j-1], else left), walked with
+    a loop. The call count is the recursion depth `_recon` reaches: steps + 1 (the base case).
     """
-    if sys.getrecursionlimit() != _OFFICIAL_RECURSION_LIMIT:
-        warnings.warn(
-            f"sys.getrecursionlimit()={sys.getrecursionlimit()} differs from CPython's default "
-            f"{_OFFICIAL_RECURSION_LIMIT} assumed by the official LongBench scorer: ROUGE of very "
-            "long unpunctuated predictions may differ from the official numbers",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    box: dict = {}
-    done = threading.Event()
-    _thread.start_new_thread(_rouge_worker, (box, done, depth, hyp, ref))
-    done.wait()
-    if "error" in box:
-        raise box["error"]
-    return box["scores"]
+    n, m = len(x), len(y)
+    table = [[0] * (m + 1) for _ in range(n + 1)]  # table[i][j] = LCS length of x[:i], y[:j]
+    for i in range(1, n + 1):
+        xi, prev, row = x[i - 1], table[i - 1], table[i]
+        for j in range(1, m + 1):
+            row[j] = prev[j - 1] + 1 if xi == y[j - 1] else max(prev[j], row[j - 1])
+    words: set[str] = set()
+    i, j, calls = n, m, 1
+    while i > 0 and j > 0:
+        calls += 1
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words, calls
 
 
-def _rouge_l_f(prediction: str, ground_truth: str, depth: int) -> float:
-    try:
-        scores = _rouge_get_scores(prediction, ground_truth, depth)
-    except Exception:  # official quirk: a bare `except: return 0.0` around get_scores
-        return 0.0
-    return scores["rouge-l"]["f"]
+def _rouge_l_f(prediction: str, ground_truth: str, get_scores_depth: int) -> float:
+    """`Rouge().get_scores([prediction], [ground_truth], avg=True)["rouge-l"]["f"]` under the
+    official bare `except: return 0.0`, with get_scores called at frame `get_scores_depth`.
+
+    Bit-identical to the package (same counts, same float expression); no recursion, so the
+    result does not depend on the caller's stack depth or on sys.getrecursionlimit().
+    """
+    if not isinstance(prediction, str) or not isinstance(ground_truth, str):
+        return 0.0  # official quirk: the bare except also swallows `.split` on a non-str
+    hyp_sents, ref_sents = _rouge_sentences(prediction), _rouge_sentences(ground_truth)
+    if not hyp_sents or not ref_sents:
+        return 0.0  # official quirk: rouge_n raises ValueError("Hypothesis/Reference is empty.")
+    hyp_words = [s.split(" ") for s in hyp_sents]
+    ref_words = [s.split(" ") for s in ref_sents]
+    max_recon_calls = _OFFICIAL_RECURSION_LIMIT - get_scores_depth - _GET_SCORES_TO_RECON_LCS
+    union: set[str] = set()  # union LCS over all (reference, hypothesis) sentence pairs
+    for x in ref_words:
+        for y in hyp_words:
+            # The backtrack takes at least min(n, m) steps: skip the DP when that already fails.
+            if min(len(x), len(y)) + 1 > max_recon_calls:
+                return 0.0  # official quirk: RecursionError
+            words, calls = _lcs_backtrack(x, y)
+            if calls > max_recon_calls:
+                return 0.0  # official quirk: RecursionError
+            union |= words
+    # Unique words (the package's exclusive=True default); "" counts as a word.
+    m = len({w for ws in ref_words for w in ws})
+    n = len({w for ws in hyp_words for w in ws})
+    r_lcs, p_lcs = len(union) / m, len(union) / n
+    return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
 
 
 def rouge_score(prediction: str, ground_truth: str, **kwargs) -> float:
-    return _rouge_l_f(prediction, ground_truth, _OFFICIAL_GET_SCORES_DEPTH["en"])
+    return _rouge_l_f(prediction, ground_truth, _GET_SCORES_DEPTH_EN)
 
 
 def rouge_zh_score(prediction: str, ground_truth: str, **kwargs) -> float:
     prediction = " ".join(_jieba_cut(prediction))
     ground_truth = " ".join(_jieba_cut(ground_truth))
-    return _rouge_l_f(prediction, ground_truth, _OFFICIAL_GET_SCORES_DEPTH["zh"])
+    return _rouge_l_f(prediction, ground_truth, _GET_SCORES_DEPTH_ZH)
 
 
 def classification_score(prediction: str, ground_truth: str, **kwargs) -> float:

@@ -11,11 +11,16 @@ TABLE_DIR = os.path.dirname(__file__)
 
 
 @functools.lru_cache(maxsize=32)
-def load_table(device_kind: str, filename: str) -> dict:
-    """The parsed table ``<device_kind>/<filename>``, or {} when this device has none.
-    Cached per (device kind, file): the files are read-only package data."""
+def _table_text(device_kind: str, filename: str) -> str:
+    # Cached as an immutable string: the files are read-only package data.
     path = os.path.join(TABLE_DIR, device_kind, filename)
     if not os.path.exists(path):
-        return {}
+        return "{}"
     with open(path) as f:
-        return json.load(f)
+        return f.read()
+
+
+def load_table(device_kind: str, filename: str) -> dict:
+    """The parsed table ``<device_kind>/<filename>``, or {} when this device has none. A fresh
+    dict per call (tables are small and read at trace time), so no caller can change another's."""
+    return json.loads(_table_text(device_kind, filename))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 
 
@@ -27,12 +26,7 @@ def main() -> None:
     from pallas_kernels import _compat
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = sys.argv
-        sys.argv = [bench.__file__, "--no-flex", "--seqs", args.seqs, "--out", tmp]
-        try:
-            bench.main()
-        finally:
-            sys.argv = argv
+        bench.main(["--no-flex", "--seqs", args.seqs, "--out", tmp])
         dest = os.path.join(os.path.dirname(__file__), _compat.device_kind())
         os.makedirs(dest, exist_ok=True)
         shutil.copy(

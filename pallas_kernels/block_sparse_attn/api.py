@@ -95,10 +95,15 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, pads)
 
 
+def mosaic_supported(q: jax.Array, block_size: int = 128) -> bool:
+    """Whether the Hopper Mosaic GPU kernel takes ``q`` [B, Tq, H, D] on the default device."""
+    return _mgpu is not None and _mgpu.supported(q, block_size)
+
+
 def _pick_auto(q, block_size: int) -> str:
     if not _compat.on_gpu():
         return "reference"
-    if _mgpu is not None and _mgpu.supported(q, block_size):
+    if mosaic_supported(q, block_size):
         return "pallas_mosaic_gpu"
     return "pallas_triton"
 
