@@ -605,10 +605,7 @@ def profile_shape(s: Shape, out_dir: str, rs: RunSettings, calls: int = 20) -> N
     ``jax.nn.dot_product_attention`` (``calls`` dispatches each) and prints, per device event
     name, the summed duration / calls, and the device span / calls.
     """
-    import glob
-    import gzip
-    from collections import Counter
-
+    from benchmarks.profiling import device_kernel_times
     from pallas_kernels.paged_decode import get_config
 
     qs, k_pages, v_pages, tables, lengths = make_cache(s, seed=1)
@@ -644,37 +641,18 @@ def profile_shape(s: Shape, out_dir: str, rs: RunSettings, calls: int = 20) -> N
             print(f"profile {name} failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         trace_dir = os.path.join(out_dir, f"trace_{name}_{s.context}_{s.batch}")
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for i in range(calls):
-                out = run(i)
-            jax.block_until_ready(out)
-        paths = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
-        path = max(paths, key=os.path.getmtime)  # this run's trace
-        events = json.load(gzip.open(path))
-        events = events["traceEvents"] if isinstance(events, dict) else events
-        pids = {
-            e["pid"]: e["args"]["name"]
-            for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"
-        }
-        kernels = [
-            e
-            for e in events
-            if e.get("ph") == "X" and "GPU" in str(pids.get(e["pid"], "")) and e.get("dur")
-        ]
-        per_name = Counter()
-        for e in kernels:
-            per_name[e["name"][:60]] += e["dur"] / calls
-        if not kernels:
-            print(f"profile {name}: no device events in {path}")
+        try:
+            span, _, per_name = device_kernel_times(run, calls, trace_dir)
+        except RuntimeError as e:  # CPU smoke runs: the trace has no device events
+            print(f"profile {name}: {e}")
             continue
-        span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+        span *= calls  # device_kernel_times returns per-call figures
         print(
             f"profile L={s.context} B={s.batch} {name} {config_str(cfg)}: device span/call "
             f"{span / calls:.1f} us = {kv_bytes(s) / (span / calls * 1e-6) / 1e12:.2f} TB/s"
         )
         for kname, us in per_name.most_common(6):
-            print(f"    {us:9.1f} us/call  {kname}")
+            print(f"    {us:9.1f} us/call  {kname[:60]}")
 
 
 def write_outputs(bench: Bench, out_dir: str) -> str:
