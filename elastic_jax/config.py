@@ -302,8 +302,8 @@ class RuntimeConfig:
       (pure jnp), "pallas" (Pallas kernels only), "cudnn" (cuDNN for all-dense prefill),
       "xla" (our chunked jnp dense attention).
     decode_impl: "auto" (GPU: Pallas paged decode kernel; CPU: reference), "reference", "pallas".
-    prefill_chunk: tokens per chunk for the per-token work of prefill (projections, MLP, the
-      reference attention's query tiles): bounds memory for long prompts.
+    prefill_chunk: tokens per chunk for the MLP of prefill (and the reference attention's query
+      tiles): bounds memory for long prompts; prompt buckets above it are its multiples.
     page_size: tokens per KV-cache page.
     collect_stats: return per-layer/head modes and kept-block fractions from prefill.
     xattn_sink_rule: "official" (default) reproduces the official ``find_blocks_chunked``

@@ -51,16 +51,21 @@ def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
     return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down)
 
 
-def chunked_over_time(fn, x: jax.Array, chunk: int | None):
-    """Apply a per-token function ``fn`` ([B, C, ...] -> pytree of [B, C, ...]) over x: [B, T, ...]
-    in chunks of ``chunk`` tokens, bounding the size of intermediates (the MLP hidden, for 128K
-    prompts)."""
-    T = x.shape[1]
+def residual_in_chunks(fn, h: jax.Array, chunk: int | None) -> jax.Array:
+    """``fn(h)`` for a residual block ``fn`` ([B, C, E] -> [B, C, E], output = input + update),
+    run ``chunk`` tokens at a time over h: [B, T, E] so only one chunk's intermediates (the MLP
+    hidden: [B, C, F]) exist at once. Each chunk's result is written back into h in place
+    (``dynamic_update_slice`` in a ``fori_loop``): no stacked output buffer and no copy into it,
+    which ``lax.map`` costs (seen as memcpy kernels in the 8B prefill profile)."""
+    T = h.shape[1]
     if chunk is None or T <= chunk:
-        return fn(x)
+        return fn(h)
     if T % chunk:
         raise ValueError(f"sequence length {T} is not a multiple of the chunk size {chunk}")
-    B = x.shape[0]
-    xs = jnp.moveaxis(x.reshape(B, T // chunk, chunk, *x.shape[2:]), 1, 0)
-    ys = jax.lax.map(fn, xs)
-    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(B, T, *y.shape[3:]), ys)
+
+    def body(i, h):
+        start = i * chunk
+        part = jax.lax.dynamic_slice_in_dim(h, start, chunk, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(h, fn(part), start, axis=1)
+
+    return jax.lax.fori_loop(0, T // chunk, body, h)

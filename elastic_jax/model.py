@@ -2,9 +2,9 @@
 
 Prefill is layer-major: each layer processes the whole (bucketed) prompt before the next layer
 starts. That keeps the PawQwen3 router exact for long prompts, since it pools the first and last
-100 keys of the WHOLE prompt at every layer (spec §11), while memory stays bounded: the per-token
-work (projections, MLP) runs in chunks of ``rt.prefill_chunk`` tokens and attention is a flash
-kernel (GPU) or a query-tiled reference (CPU).
+100 keys of the WHOLE prompt at every layer (spec §11), while memory stays bounded: the MLP runs in
+chunks of ``rt.prefill_chunk`` tokens (its hidden is the one large intermediate) and attention is
+a flash kernel (GPU) or a query-tiled reference (CPU).
 
 Letters: B batch, T tokens, E hidden, H query heads, K kv heads, D head dim, V vocab, L layers.
 """
@@ -20,7 +20,7 @@ from elastic_jax import attention as attn
 from elastic_jax import kv_cache, sharding
 from elastic_jax.config import ModelConfig, RuntimeConfig, rope_inv_freq
 from elastic_jax.elastic_config import MODE_STREAMING, MODE_XATTN
-from elastic_jax.layers import apply_rope, chunked_over_time, rms_norm, rope_cos_sin, swiglu_mlp
+from elastic_jax.layers import apply_rope, residual_in_chunks, rms_norm, rope_cos_sin, swiglu_mlp
 from elastic_jax.params import LayerParams, Params
 
 
@@ -92,7 +92,9 @@ def layer_prefill(
     """
     with jax.named_scope("attn_pre"):
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
-        q, k_pre, v = chunked_over_time(lambda t: project_qkv(t, lp, cfg), x, rt.prefill_chunk)
+        # Unchunked: q, k, v are needed whole by attention anyway, and chunking only added
+        # copies into stacked outputs.
+        q, k_pre, v = project_qkv(x, lp, cfg)
     with jax.named_scope("router"):
         modes, z_kv = head_modes_for(k_pre, lengths, lp, cfg, rt)
     with jax.named_scope("rope"):
@@ -102,9 +104,11 @@ def layer_prefill(
     with jax.named_scope("attention"):
         o, stats = attn.prefill_attention(q, k, v, lengths, modes, cfg, rt)
     with jax.named_scope("attn_post"):
-        h = h + chunked_over_time(lambda t: out_proj(t, lp.wo), o, rt.prefill_chunk)
+        h = h + out_proj(o, lp.wo)
     with jax.named_scope("mlp"):
-        h = chunked_over_time(lambda t: _mlp_block(t, lp, cfg), h, rt.prefill_chunk)
+        # Chunked: the MLP hidden ([B, T, F], F = 3E for the 8B shape) is the one intermediate
+        # that grows past the activations themselves at 128K tokens.
+        h = residual_in_chunks(lambda t: _mlp_block(t, lp, cfg), h, rt.prefill_chunk)
     h = sharding.constrain(h, sharding.HIDDEN)  # no-op without a mesh
     if modes is not None:
         stats = {"modes": modes, **stats}

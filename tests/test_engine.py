@@ -263,3 +263,18 @@ def test_dense_prefill_kernel_choice_on_cpu(impl, kernel):
 
     q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
     assert dense_prefill_kernel(q, RuntimeConfig(prefill_impl=impl)) == kernel
+
+
+def test_residual_in_chunks_equals_whole():
+    from elastic_jax.layers import residual_in_chunks
+
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 96, 8))
+    w = jax.random.normal(jax.random.PRNGKey(1), (8, 8))
+
+    def block(t):  # per-token residual block, nonlinear so a misplaced chunk shows
+        return t + jnp.tanh(t @ w)
+
+    np.testing.assert_allclose(residual_in_chunks(block, h, 32), block(h), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(residual_in_chunks(block, h, 128), block(h), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="not a multiple of the chunk size 64"):
+        residual_in_chunks(block, h, 64)
