@@ -345,15 +345,42 @@ def _filled_cache(cfg, batch: int, context: int, page_size: int):
     return dataclasses.replace(cache, k=k, v=v, lengths=jnp.full((batch,), context, jnp.int32))
 
 
+def decode_memory(params, cfg, rt: RuntimeConfig, batch: int, capacity: int) -> dict:
+    """Compiled ``decode_step`` buffer sizes (GiB) for a cache of ``capacity`` tokens per
+    sequence, from abstract shapes (nothing allocated): ``temp`` should be small and ``alias``
+    the whole cache (updated in place); a cache-sized temp means the step copies the cache."""
+    cache = jax.eval_shape(lambda: kv_cache.create(cfg, batch, capacity, page_size=rt.page_size))
+    tok = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    m = engine.decode_step.lower(params, cache, tok, cfg, rt).compile().memory_analysis()
+    if m is None:  # backends without memory analysis
+        return {}
+    gib = 2.0**30
+    return {
+        "cache_gib": 2 * cache.k.size * cache.k.dtype.itemsize / gib,
+        "alias_gib": m.alias_size_in_bytes / gib,
+        "temp_gib": m.temp_size_in_bytes / gib,
+    }
+
+
 def run_decode(shape: str, context: int, batches: list[int], steps: int):
     cfg = make_config(shape)
     params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
     rows = []
     for B in batches:
         rt = RuntimeConfig(attention_mode="dense", decode_impl="pallas")
+        # bench_decode's cache holds context + steps + 8 tokens per sequence.
+        mem = decode_memory(params, cfg, rt, B, context + steps + 8)
+        print({"decode_memory": mem, "batch": B, "tokens": context}, flush=True)
         sec = bench_decode(params, cfg, rt, B, context, steps)
         rows.append(
-            {"what": "decode", "batch": B, "tokens": context, "ms": sec * 1e3, "tok_per_s": B / sec}
+            {
+                "what": "decode",
+                "batch": B,
+                "tokens": context,
+                "ms": sec * 1e3,
+                "tok_per_s": B / sec,
+                **mem,
+            }
         )
         print(rows[-1], flush=True)
     return rows

@@ -34,3 +34,5 @@ def test_engine_benchmark_smoke(tmp_path):
     assert 0 < cases["elastic full+xattn"]["kept_fraction"] <= 1
     assert [(r["batch"], r["tokens"]) for r in res["decode"]] == [(1, 256), (2, 256)]
     assert all(r["ms"] > 0 for r in res["decode"])
+    # The decode step updates the cache in place: all of it aliased to the output.
+    assert all(abs(r["alias_gib"] - r["cache_gib"]) < 1e-3 * r["cache_gib"] for r in res["decode"])
