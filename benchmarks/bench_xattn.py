@@ -195,6 +195,20 @@ def inputs(st: Settings, seq, structured, seed=0, batch=1):
     return q, k
 
 
+def score_fn(stride, config, interpret):
+    """The jitted Pallas scoring pass (``pallas_triton.score_partials``) at norm 1."""
+    return jax.jit(
+        functools.partial(
+            pt.score_partials,
+            stride=stride,
+            norm=1.0,
+            block_size=BS,
+            config=config,
+            interpret=interpret,
+        )
+    )
+
+
 def select_fn(stride, config, interpret, **kw):
     return jax.jit(
         functools.partial(
@@ -356,16 +370,9 @@ def check_selection(run: Run, stride=16):
     q, k = inputs(st, seq, True, seed=3)
     cfg = dataclasses.replace(run.best_config(stride), select_impl="pallas")
     geom = pt.combine_geometry(seq, seq, stride=stride, block_size=BS, config=cfg)
-    w, mt, lt = jax.jit(
-        functools.partial(
-            pt.score_partials,
-            stride=stride,
-            norm=1.0,
-            block_size=BS,
-            config=cfg,
-            interpret=st.interpret,
-        )
-    )(q, k, jnp.asarray([seq], jnp.int32), jnp.ones((1, st.q_heads), bool))
+    w, mt, lt = score_fn(stride, cfg, st.interpret)(
+        q, k, jnp.asarray([seq], jnp.int32), jnp.ones((1, st.q_heads), bool)
+    )
     sums = jax.jit(functools.partial(pt.combine_partials, stride=stride, **geom))(
         w, mt, lt, jnp.asarray([seq], jnp.int32), jnp.ones((1, st.q_heads), bool)
     )
@@ -408,16 +415,7 @@ def search(run: Run):
         best = None
         for cfg in st.search_space:
             try:
-                f = jax.jit(
-                    functools.partial(
-                        pt.score_partials,
-                        stride=stride,
-                        norm=1.0,
-                        block_size=BS,
-                        config=cfg,
-                        interpret=st.interpret,
-                    )
-                )
+                f = score_fn(stride, cfg, st.interpret)
                 t = time_jax(f, q, k, kv, act, target_s=st.target_s)
             except Exception as e:
                 log(f"stride {stride} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -466,16 +464,7 @@ def table(run: Run):
         for stride in (16, 8):
             cfg = run.best_config(stride)
             r = dict(seq=seq, stride=stride, config=dataclasses.asdict(cfg), cudnn_ms=t_cudnn * 1e3)
-            score = jax.jit(
-                functools.partial(
-                    pt.score_partials,
-                    stride=stride,
-                    norm=1.0,
-                    block_size=BS,
-                    config=cfg,
-                    interpret=st.interpret,
-                )
-            )
+            score = score_fn(stride, cfg, st.interpret)
             geom = pt.combine_geometry(seq, seq, stride=stride, block_size=BS, config=cfg)
             combine = jax.jit(functools.partial(pt.combine_partials, stride=stride, **geom))
             kw = dict(threshold=THRESHOLD, block_size=BS, q_block_offset=0)
