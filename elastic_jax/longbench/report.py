@@ -335,24 +335,28 @@ def mode_comparison(modes: Mapping[str, Mapping[str, dict]]) -> dict:
                     "baseline": b["score"],
                     "score": o["score"],
                     "delta": round(o["score"] - b["score"], 2),
-                    "sparsity": o["sparsity"],
-                    "prefill_speedup": _ratio(b["prefill_ms"], o["prefill_ms"]),
-                    "samples_per_min": o["samples_per_min"],
-                    "baseline_samples_per_min": b["samples_per_min"],
+                    **_speed_versus(b, o),
                 }
             per_mode[mode] = {
                 "tasks": tasks,
                 "macro_mean": other["macro_mean"],
                 "baseline_macro_mean": base["macro_mean"],
                 "delta_macro_mean": round(other["macro_mean"] - base["macro_mean"], 2),
-                "sparsity": other["sparsity"],
-                "prefill_speedup": _ratio(base["prefill_ms"], other["prefill_ms"]),
-                "samples_per_min": other["samples_per_min"],
-                "baseline_samples_per_min": base["samples_per_min"],
+                **_speed_versus(base, other),
             }
         if per_mode:
             out["suites"][suite] = per_mode
     return out
+
+
+def _speed_versus(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict:
+    """Sparsity and speed of ``other`` beside ``base`` (a task's or a suite's summary)."""
+    return {
+        "sparsity": other["sparsity"],
+        "prefill_speedup": _ratio(base["prefill_ms"], other["prefill_ms"]),
+        "samples_per_min": other["samples_per_min"],
+        "baseline_samples_per_min": base["samples_per_min"],
+    }
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
