@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.bench_model import bench_decode, bench_prefill, make_config
+from benchmarks.bench_model import bench_decode, bench_prefill, make_config, time_calls
 from benchmarks.shapes import SHAPES
 from elastic_jax import engine, kv_cache
 from elastic_jax.config import RuntimeConfig
@@ -60,13 +59,9 @@ _DENSE_IMPLS = ("cudnn", "pallas") if jax.default_backend() == "gpu" else ("xla"
 
 
 def _median_s(fn, reps: int, *args) -> float:
+    """Median seconds of ``fn(*args)`` over ``reps`` calls after one warm-up call."""
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_calls(lambda: fn(*args), reps))
 
 
 def gemm_flops_per_token(shape: str) -> float:

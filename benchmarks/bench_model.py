@@ -45,7 +45,8 @@ def make_config(shape: str, elastic: dict | None = None) -> ModelConfig:
     ).validate()
 
 
-def _time(fn, reps: int) -> list[float]:
+def time_calls(fn, reps: int) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn()``, each waited for on the device."""
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -68,7 +69,7 @@ def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int
 
     _, stats = run()  # compile + warm-up
     jax.block_until_ready(stats)
-    times = _time(lambda: run()[0], reps)
+    times = time_calls(lambda: run()[0], reps)
     info = {}
     if stats:
         kept = np.asarray(stats["kept_blocks"], np.float64).sum()
@@ -98,7 +99,7 @@ def bench_decode(params, cfg: ModelConfig, rt: RuntimeConfig, batch: int, contex
         return logits
 
     jax.block_until_ready(step())
-    times = _time(step, steps)
+    times = time_calls(step, steps)
     return statistics.median(times)
 
 
