@@ -24,12 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.bench_model import bench_decode, bench_prefill, make_config, time_calls
+from benchmarks.bench_model import (
+    bench_decode,
+    bench_prefill,
+    decode_capacity,
+    filled_cache,
+    make_config,
+    time_calls,
+)
+from benchmarks.profiling import device_kernel_times
 from benchmarks.shapes import SHAPES
 from elastic_jax import engine, kv_cache
 from elastic_jax.config import RuntimeConfig
@@ -256,54 +265,48 @@ def profile_section(
     shape: str, T: int, decode_points: list[tuple[int, int]], out_dir: str
 ) -> list[dict]:
     """Kernel-level breakdown from the JAX profiler: one dense prefill at T tokens per dense
-    implementation, and decode steps at ``context`` tokens (batch ``batch``) with the decode
-    attention's achieved K/V bandwidth (kernel time only, merge epilogue excluded)."""
-    import os
-
-    from benchmarks.profiling import device_kernel_times
-
+    implementation, and decode steps at each (batch, context) of ``decode_points`` with the
+    decode attention's achieved K/V bandwidth (kernel time only, merge epilogue excluded)."""
     cfg = make_config(shape)
     params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0))
-    rows = []
-    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, T), 0, cfg.vocab_size, jnp.int32)
-    lengths = jnp.array([T], jnp.int32)
-    for impl in ("cudnn", "pallas"):
-        rt = RuntimeConfig(attention_mode="dense", prefill_impl=impl)
-        holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
-
-        def call(i, rt=rt, holder=holder):
-            logits, holder["cache"], _ = engine.prefill_step(
-                params, holder["cache"], tokens, lengths, cfg, rt
-            )
-            return logits
-
-        jax.block_until_ready(call(0))
-        span, busy, per = device_kernel_times(call, 1, os.path.join(out_dir, f"trace_pf_{impl}"))
-        rows.append(
-            {
-                "part": "profile_prefill",
-                "impl": impl,
-                "tokens": T,
-                "span_ms": span / 1e3,
-                "kernels_ms": busy / 1e3,
-                "top": [(n, us / 1e3) for n, us in per.most_common(12)],
-            }
-        )
-        print(json.dumps(rows[-1], indent=1), flush=True)
-        del holder
-    for batch, context in decode_points:
-        rows.append(_profile_decode(params, cfg, batch, context, out_dir))
-        print(json.dumps(rows[-1], indent=1), flush=True)
+    rows = [_profile_prefill(params, cfg, impl, T, out_dir) for impl in ("cudnn", "pallas")]
+    rows += [_profile_decode(params, cfg, b, ctx, out_dir) for b, ctx in decode_points]
     return rows
 
 
+def _top_kernels(per) -> list[tuple[str, float]]:
+    return [(n, us / 1e3) for n, us in per.most_common(12)]
+
+
+def _profile_prefill(params, cfg, impl: str, T: int, out_dir: str) -> dict:
+    rt = RuntimeConfig(attention_mode="dense", prefill_impl=impl)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, T), 0, cfg.vocab_size, jnp.int32)
+    lengths = jnp.array([T], jnp.int32)
+    holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
+
+    def call(i):
+        logits, holder["cache"], _ = engine.prefill_step(
+            params, holder["cache"], tokens, lengths, cfg, rt
+        )
+        return logits
+
+    jax.block_until_ready(call(0))
+    span, busy, per = device_kernel_times(call, 1, os.path.join(out_dir, f"trace_pf_{impl}"))
+    row = {
+        "part": "profile_prefill",
+        "impl": impl,
+        "tokens": T,
+        "span_ms": span / 1e3,
+        "kernels_ms": busy / 1e3,
+        "top": _top_kernels(per),
+    }
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
 def _profile_decode(params, cfg, batch: int, context: int, out_dir: str) -> dict:
-    import os
-
-    from benchmarks.profiling import device_kernel_times
-
     rt = RuntimeConfig(attention_mode="dense", decode_impl="pallas")
-    holder = {"cache": _filled_cache(cfg, batch, context, rt.page_size)}
+    holder = {"cache": filled_cache(cfg, batch, context, context + 64, rt.page_size)}
     tok = jnp.zeros((batch,), jnp.int32)
 
     def step(i):
@@ -316,7 +319,7 @@ def _profile_decode(params, cfg, batch: int, context: int, out_dir: str) -> dict
     span, busy, per = device_kernel_times(step, calls, trace)
     attn_us = sum(us for n, us in per.items() if "paged_decode" in n)
     kv_bytes = 2 * batch * context * cfg.num_kv_heads * cfg.head_dim * 2 * cfg.num_layers
-    return {
+    row = {
         "part": "profile_decode",
         "batch": batch,
         "context": context,
@@ -324,33 +327,24 @@ def _profile_decode(params, cfg, batch: int, context: int, out_dir: str) -> dict
         "kernels_ms": busy / 1e3,
         "paged_decode_kernel_ms": attn_us / 1e3,
         "decode_attention_tb_s": kv_bytes / (attn_us * 1e-6) / 1e12 if attn_us else None,
-        "top": [(n, us / 1e3) for n, us in per.most_common(12)],
+        "top": _top_kernels(per),
     }
+    print(json.dumps(row, indent=1), flush=True)
+    return row
 
 
-def _filled_cache(cfg, batch: int, context: int, page_size: int):
-    """A paged cache holding ``context`` random tokens per sequence (values do not change decode
-    cost), filled in place so it is never held twice."""
-    import dataclasses
-
-    cache = kv_cache.create(cfg, batch, context + 64, page_size=page_size)
-    fill = jax.jit(lambda x, key: jax.random.normal(key, x.shape, x.dtype), donate_argnums=0)
-    k = fill(cache.k, jax.random.PRNGKey(1))
-    v = fill(cache.v, jax.random.PRNGKey(2))
-    return dataclasses.replace(cache, k=k, v=v, lengths=jnp.full((batch,), context, jnp.int32))
-
-
-def decode_memory(params, cfg, rt: RuntimeConfig, batch: int, capacity: int) -> dict:
-    """Compiled ``decode_step`` buffer sizes (GiB) for a cache of ``capacity`` tokens per
-    sequence, from abstract shapes (nothing allocated): ``temp`` should be small and ``alias``
-    the whole cache (updated in place); a cache-sized temp means the step copies the cache."""
+def compile_decode(params, cfg, rt: RuntimeConfig, batch: int, capacity: int):
+    """``decode_step`` compiled for a cache of ``capacity`` tokens per sequence, and its buffer
+    sizes (GiB): ``temp`` should be small and ``alias`` the whole cache (updated in place); a
+    cache-sized temp means the step copies the cache."""
     cache = jax.eval_shape(lambda: kv_cache.create(cfg, batch, capacity, page_size=rt.page_size))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    m = engine.decode_step.lower(params, cache, tok, cfg, rt).compile().memory_analysis()
+    compiled = engine.decode_step.lower(params, cache, tok, cfg, rt).compile()
+    m = compiled.memory_analysis()
     if m is None:  # backends without memory analysis
-        return {}
+        return compiled, {}
     gib = 2.0**30
-    return {
+    return compiled, {
         "cache_gib": 2 * cache.k.size * cache.k.dtype.itemsize / gib,
         "alias_gib": m.alias_size_in_bytes / gib,
         "temp_gib": m.temp_size_in_bytes / gib,
@@ -363,10 +357,9 @@ def run_decode(shape: str, context: int, batches: list[int], steps: int):
     rows = []
     for B in batches:
         rt = RuntimeConfig(attention_mode="dense", decode_impl="pallas")
-        # bench_decode's cache holds context + steps + 8 tokens per sequence.
-        mem = decode_memory(params, cfg, rt, B, context + steps + 8)
+        compiled, mem = compile_decode(params, cfg, rt, B, decode_capacity(context, steps))
         print({"decode_memory": mem, "batch": B, "tokens": context}, flush=True)
-        sec = bench_decode(params, cfg, rt, B, context, steps)
+        sec = bench_decode(params, cfg, rt, B, context, steps, step_fn=compiled)
         rows.append(
             {
                 "what": "decode",

@@ -80,27 +80,52 @@ def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int
     return statistics.median(times), info
 
 
-def bench_decode(params, cfg: ModelConfig, rt: RuntimeConfig, batch: int, context: int, steps: int):
-    """Median seconds per decode step at ``context`` tokens already in the cache."""
-    cache = kv_cache.create(cfg, batch, context + steps + 8, page_size=rt.page_size)
-    # Random K/V stand in for a prefill of `context` tokens (decode cost does not depend on
-    # values); filled in place (donated) so the cache is never held twice.
+def filled_cache(cfg: ModelConfig, batch: int, context: int, capacity: int, page_size: int):
+    """A paged cache of ``capacity`` tokens per sequence holding ``context`` random tokens each:
+    random K/V stand in for a prefill (decode cost does not depend on values), filled in place
+    (donated) so the cache is never held twice."""
+    cache = kv_cache.create(cfg, batch, capacity, page_size=page_size)
     fill = jax.jit(lambda x, key: jax.random.normal(key, x.shape, x.dtype), donate_argnums=0)
     key = jax.random.PRNGKey(1)
     k = fill(cache.k, key)
     v = fill(cache.v, jax.random.fold_in(key, 1))
-    cache = dataclasses.replace(cache, k=k, v=v, lengths=jnp.full((batch,), context, jnp.int32))
-    del k, v
+    return dataclasses.replace(cache, k=k, v=v, lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def bench_decode(
+    params,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+    batch: int,
+    context: int,
+    steps: int,
+    step_fn=None,
+):
+    """Median seconds per decode step at ``context`` tokens already in the cache (capacity
+    ``decode_capacity(context, steps)``). ``step_fn(params, cache, tokens) -> (logits, cache)``
+    defaults to ``engine.decode_step`` under ``cfg``, ``rt`` (a caller may pass the same step
+    already compiled)."""
+    if step_fn is None:
+
+        def step_fn(p, c, t):
+            return engine.decode_step(p, c, t, cfg, rt)
+
+    capacity = decode_capacity(context, steps)
+    holder = {"cache": filled_cache(cfg, batch, context, capacity, rt.page_size)}
     tok = jnp.zeros((batch,), jnp.int32)
-    holder = {"cache": cache}
 
     def step():
-        logits, holder["cache"] = engine.decode_step(params, holder["cache"], tok, cfg, rt)
+        logits, holder["cache"] = step_fn(params, holder["cache"], tok)
         return logits
 
     jax.block_until_ready(step())
     times = time_calls(step, steps)
     return statistics.median(times)
+
+
+def decode_capacity(context: int, steps: int) -> int:
+    """Cache tokens per sequence for ``bench_decode``: the context, the timed steps, a margin."""
+    return context + steps + 8
 
 
 def main(argv=None):
