@@ -612,7 +612,7 @@ def profile_shape(s: Shape, out_dir: str, rs: RunSettings, calls: int = 20) -> N
     max_pages = s.context // s.page_size
     cfg = get_config(s.batch, H, K, max_pages, s.page_size, D, DTYPE, _compat.device_kind())
     pallas = jax.jit(
-        lambda q, table: paged_decode_pallas(
+        lambda q, k_pages, v_pages, table: paged_decode_pallas(
             q,
             k_pages,
             v_pages,
@@ -625,14 +625,15 @@ def profile_shape(s: Shape, out_dir: str, rs: RunSettings, calls: int = 20) -> N
     )
     kbl = jnp.swapaxes(contiguous(k_pages, tables[0], s), 1, 2)
     vbl = jnp.swapaxes(contiguous(v_pages, tables[0], s), 1, 2)
+    # K/V as arguments: closed over, they become HLO constants (2 GiB at B=8: proto too big).
     cudnn = jax.jit(
-        lambda q: jax.nn.dot_product_attention(
+        lambda q, kbl, vbl: jax.nn.dot_product_attention(
             q[:, None], kbl, vbl, scale=SM_SCALE, implementation="cudnn"
         )
     )
     runs = {
-        "pallas": lambda i: pallas(qs[i % len(qs)], tables[i % len(tables)]),
-        "cudnn": lambda i: cudnn(qs[i % len(qs)]),
+        "pallas": lambda i: pallas(qs[i % len(qs)], k_pages, v_pages, tables[i % len(tables)]),
+        "cudnn": lambda i: cudnn(qs[i % len(qs)], kbl, vbl),
     }
     for name, run in runs.items():
         try:

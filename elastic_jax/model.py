@@ -161,6 +161,7 @@ def prefill(
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cos, sin = _rope_tables(positions, cfg)
+    whole_pages = kv_cache.prompt_pages(cache, T)
     pages, slots = kv_cache.token_slots(cache, positions)
 
     def body(carry, xs):
@@ -168,7 +169,10 @@ def prefill(
         lp, layer = xs
         h, k, v, stats = layer_prefill(h, lp, cos, sin, lengths, cfg, rt)
         with jax.named_scope("cache_write"):
-            ck, cv = kv_cache.write(ck, cv, layer, pages, slots, k, v)
+            if whole_pages is not None:
+                ck, cv = kv_cache.write_pages(ck, cv, layer, whole_pages, k, v)
+            else:  # prompt bucket not a whole number of pages
+                ck, cv = kv_cache.write(ck, cv, layer, pages, slots, k, v)
         return (h, ck, cv), stats
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
