@@ -24,13 +24,12 @@ import importlib
 import json
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.bench_engine import measure_parts
-from benchmarks.bench_model import make_config
+from benchmarks.bench_model import make_config, time_calls
 from elastic_jax import engine, kv_cache
 from elastic_jax.config import RuntimeConfig
 from elastic_jax.params import init_random
@@ -74,9 +73,7 @@ def ab_row(old, params, old_params, cfg, impl: str, T: int, reps: int) -> dict:
     for r in range(reps):
         order = (("new", run_new), ("old", run_old))
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
+            times[name] += time_calls(fn, 1)
     new_s, old_s = statistics.median(times["new"]), statistics.median(times["old"])
     return {
         "impl": impl,

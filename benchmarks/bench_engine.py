@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from benchmarks.bench_model import (
     bench_decode,
     bench_prefill,
+    decode_caller,
     decode_capacity,
-    filled_cache,
     make_config,
+    prefill_caller,
     time_calls,
 )
 from benchmarks.profiling import device_kernel_times
@@ -279,16 +280,12 @@ def _top_kernels(per) -> list[tuple[str, float]]:
 
 
 def _profile_prefill(params, cfg, impl: str, T: int, out_dir: str) -> dict:
-    rt = RuntimeConfig(attention_mode="dense", prefill_impl=impl)
-    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, T), 0, cfg.vocab_size, jnp.int32)
-    lengths = jnp.array([T], jnp.int32)
-    holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
+    run = prefill_caller(
+        params, cfg, RuntimeConfig(attention_mode="dense", prefill_impl=impl), T, 3
+    )
 
     def call(i):
-        logits, holder["cache"], _ = engine.prefill_step(
-            params, holder["cache"], tokens, lengths, cfg, rt
-        )
-        return logits
+        return run()[0]
 
     jax.block_until_ready(call(0))
     span, busy, per = device_kernel_times(call, 1, os.path.join(out_dir, f"trace_pf_{impl}"))
@@ -306,12 +303,10 @@ def _profile_prefill(params, cfg, impl: str, T: int, out_dir: str) -> dict:
 
 def _profile_decode(params, cfg, batch: int, context: int, out_dir: str) -> dict:
     rt = RuntimeConfig(attention_mode="dense", decode_impl="pallas")
-    holder = {"cache": filled_cache(cfg, batch, context, context + 64, rt.page_size)}
-    tok = jnp.zeros((batch,), jnp.int32)
+    run = decode_caller(params, cfg, rt, batch, context, context + 64)
 
     def step(i):
-        logits, holder["cache"] = engine.decode_step(params, holder["cache"], tok, cfg, rt)
-        return logits
+        return run()
 
     jax.block_until_ready(step(0))
     calls = 5

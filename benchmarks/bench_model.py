@@ -55,8 +55,9 @@ def time_calls(fn, reps: int) -> list[float]:
     return out
 
 
-def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int, seed: int = 0):
-    """Median seconds of one prefill of a T-token prompt (batch 1), and peak memory."""
+def prefill_caller(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, seed: int = 0):
+    """``run() -> (logits, stats)``: one jitted prefill of a random T-token prompt (batch 1). The
+    cache (T + 256 tokens) is donated to each call and replaced by the call's output."""
     tokens = jax.random.randint(jax.random.PRNGKey(seed), (1, T), 0, cfg.vocab_size, jnp.int32)
     lengths = jnp.array([T], jnp.int32)
     holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
@@ -67,6 +68,13 @@ def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int
         )
         return logits, stats
 
+    return run
+
+
+def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int, seed: int = 0):
+    """Median seconds of one prefill of a T-token prompt (batch 1), and the info dict: every
+    timed call's seconds (``all_s``) and, for elastic runs, kept fraction and head modes."""
+    run = prefill_caller(params, cfg, rt, T, seed)
     # Compile + warm-up, waited for whole: blocking on the stats alone returned at once for the
     # dense path (no stats), so the first timed call used to absorb the warm-up's tail.
     stats = jax.block_until_ready(run())[1]
@@ -105,6 +113,34 @@ def filled_cache(cfg: ModelConfig, batch: int, context: int, capacity: int, page
     return dataclasses.replace(cache, k=k, v=v, lengths=jnp.full((batch,), context, jnp.int32))
 
 
+def decode_caller(
+    params,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+    batch: int,
+    context: int,
+    capacity: int,
+    step_fn=None,
+):
+    """``step() -> logits``: one decode step of ``batch`` sequences against a ``filled_cache``
+    holding ``context`` tokens each (``capacity`` per sequence), the cache donated and replaced
+    each call. ``step_fn(params, cache, tokens) -> (logits, cache)`` defaults to
+    ``engine.decode_step`` under ``cfg``, ``rt`` (a caller may pass the same step compiled)."""
+    if step_fn is None:
+
+        def step_fn(p, c, t):
+            return engine.decode_step(p, c, t, cfg, rt)
+
+    holder = {"cache": filled_cache(cfg, batch, context, capacity, rt.page_size)}
+    tok = jnp.zeros((batch,), jnp.int32)
+
+    def step():
+        logits, holder["cache"] = step_fn(params, holder["cache"], tok)
+        return logits
+
+    return step
+
+
 def bench_decode(
     params,
     cfg: ModelConfig,
@@ -115,22 +151,8 @@ def bench_decode(
     step_fn=None,
 ):
     """Median seconds per decode step at ``context`` tokens already in the cache (capacity
-    ``decode_capacity(context, steps)``). ``step_fn(params, cache, tokens) -> (logits, cache)``
-    defaults to ``engine.decode_step`` under ``cfg``, ``rt`` (a caller may pass the same step
-    already compiled)."""
-    if step_fn is None:
-
-        def step_fn(p, c, t):
-            return engine.decode_step(p, c, t, cfg, rt)
-
-    capacity = decode_capacity(context, steps)
-    holder = {"cache": filled_cache(cfg, batch, context, capacity, rt.page_size)}
-    tok = jnp.zeros((batch,), jnp.int32)
-
-    def step():
-        logits, holder["cache"] = step_fn(params, holder["cache"], tok)
-        return logits
-
+    ``decode_capacity(context, steps)``; ``step_fn`` as in ``decode_caller``)."""
+    step = decode_caller(params, cfg, rt, batch, context, decode_capacity(context, steps), step_fn)
     jax.block_until_ready(step())
     times = time_calls(step, steps)
     return statistics.median(times)

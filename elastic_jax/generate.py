@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax import engine, kv_cache, sharding
+from elastic_jax import engine, sharding
 from elastic_jax.loader import Model
 from elastic_jax.sampling import SamplingParams
 
@@ -161,10 +161,7 @@ def generate_iter(
         tokens[b, : len(p)] = p
         lengths[b] = len(p)
     capacity = engine.capacity_bucket(max(len(p) + m for p, m in zip(ids, budgets)), rt.page_size)
-    if model.mesh is None:
-        cache = kv_cache.create(cfg, B, capacity, page_size=rt.page_size)
-    else:
-        cache = sharding.create_cache(cfg, B, capacity, model.mesh, page_size=rt.page_size)
+    cache = sharding.create_cache(cfg, B, capacity, model.mesh, page_size=rt.page_size)
 
     banned_eos = np.zeros((B, cfg.vocab_size), bool)
     banned_eos[:, [s for s in stops if 0 <= s < cfg.vocab_size]] = True

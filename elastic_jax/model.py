@@ -162,7 +162,8 @@ def prefill(
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cos, sin = _rope_tables(positions, cfg)
     whole_pages = kv_cache.prompt_pages(cache, T)
-    pages, slots = kv_cache.token_slots(cache, positions)
+    if whole_pages is None:  # prompt bucket not a whole number of pages: write token by token
+        pages, slots = kv_cache.token_slots(cache, positions)
 
     def body(carry, xs):
         h, ck, cv = carry
@@ -171,7 +172,7 @@ def prefill(
         with jax.named_scope("cache_write"):
             if whole_pages is not None:
                 ck, cv = kv_cache.write_pages(ck, cv, layer, whole_pages, k, v)
-            else:  # prompt bucket not a whole number of pages
+            else:
                 ck, cv = kv_cache.write(ck, cv, layer, pages, slots, k, v)
         return (h, ck, cv), stats
 

@@ -292,10 +292,19 @@ def shard_cache(cache: kv_cache_lib.KVCache, mesh: Mesh) -> kv_cache_lib.KVCache
 
 
 def create_cache(
-    cfg: ModelConfig, batch: int, capacity: int, mesh: Mesh, *, page_size: int = 128, dtype=None
+    cfg: ModelConfig,
+    batch: int,
+    capacity: int,
+    mesh: Mesh | None,
+    *,
+    page_size: int = 128,
+    dtype=None,
 ) -> kv_cache_lib.KVCache:
     """``kv_cache.create`` for a sharded model: max(K, m) kv heads (replicated K < m heads, one
-    per device), allocated directly in its sharding (no full copy on one device)."""
+    per device), allocated directly in its sharding (no full copy on one device). Without a mesh
+    (None): ``kv_cache.create`` itself."""
+    if mesh is None:
+        return kv_cache_lib.create(cfg, batch, capacity, page_size=page_size, dtype=dtype)
     _check_mesh(mesh)
     m = _model_size(mesh)
     check_model_parallel(cfg, m)

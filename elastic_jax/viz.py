@@ -111,6 +111,16 @@ def _as_2d(name: str, value) -> np.ndarray:
     return arr
 
 
+def _label_layer_head_axes(ax, title: str, shape: tuple[int, int]) -> None:
+    """Title, axis names and one tick per cell of a [layers, heads] heatmap."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(shape[1]))
+    ax.set_yticks(range(shape[0]))
+    ax.tick_params(labelsize=7)
+
+
 # ------------------------------------------------------------------------ router / head modes
 
 
@@ -147,12 +157,7 @@ def plot_head_modes(
         if annotate and m.size <= 256:
             for (i, j), v in np.ndenumerate(m):
                 ax.text(j, i, MODE_LETTERS[int(v)], ha="center", va="center", fontsize=7)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(m.shape[1]))
-        ax.set_yticks(range(m.shape[0]))
-        ax.tick_params(labelsize=7)
+        _label_layer_head_axes(ax, label, m.shape)
     fig.legend(
         handles=[Patch(color=MODE_COLORS[k], label=MODE_NAMES[k]) for k in order],
         loc="outside lower center",
@@ -196,12 +201,7 @@ def plot_kept_fraction(
                     fontsize=6,
                     color="white" if v < 0.6 else "black",
                 )
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(k.shape[1]))
-        ax.set_yticks(range(k.shape[0]))
-        ax.tick_params(labelsize=7)
+        _label_layer_head_axes(ax, label, k.shape)
     fig.colorbar(image, ax=axes.ravel().tolist(), label="kept / causal blocks", shrink=0.8)
     if title:
         fig.suptitle(title)
