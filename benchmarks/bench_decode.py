@@ -1,0 +1,315 @@
+"""Decode step against its HBM-bound ideal (issue 16): Qwen3-shaped models with random bf16 weights.
+
+    PYTHONPATH=. python3 benchmarks/bench_decode.py --configs 4b:1:32768,8b:1:65536 \
+        --out $OUT/decode.json [--profile] [--gemv] [--generate]
+
+For each ``shape:batch:context`` it prints the step time, the bytes a step must read (every
+weight once, the LM head included, plus the K/V of every active sequence), the achieved
+bandwidth, the device's copy bandwidth measured in the same run, and step time / ideal, where
+ideal = bytes / copy bandwidth. Step times:
+
+  jit       ``engine.decode_sample_step`` (decode + greedy sampling, as the host loop runs it)
+            queued back to back for ``--steps`` steps and waited for once: the device-side cost
+            of a step with dispatch overlapped, which is what ``generate()`` can reach.
+  generate  ``generate()`` on random prompts of ``context`` tokens, ``--gen-tokens`` new tokens
+            each: decode milliseconds (after prefill) per step, host loop included.
+
+``--profile`` adds a kernel breakdown of the jitted step (JAX profiler): device span, kernel sum
+(span - sum = launch gaps), and time per kernel class. ``--gemv`` times the step's matrix-vector
+products alone (each weight matrix at batch B) to show how close XLA's GEMV gets to the copy
+bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_model import filled_cache, make_config, time_calls
+from benchmarks.shapes import SHAPES
+from elastic_jax import engine
+from elastic_jax.config import ModelConfig, RuntimeConfig
+from elastic_jax.params import Params, init_random
+from elastic_jax.sampling import SamplingParams
+
+
+def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> float:
+    """Bytes per second of a device-to-device copy (bytes read + bytes written), the ceiling the
+    decode step's reads are compared with."""
+    n = int(gib * 2**30) // 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + jnp.bfloat16(1))
+    jax.block_until_ready(f(x))
+    t = statistics.median(time_calls(lambda: f(x), reps))
+    return 2 * n * 2 / t
+
+
+def weight_bytes_read(params: Params, cfg: ModelConfig, batch: int) -> int:
+    """Weight bytes one decode step reads: every layer weight, the final norm and the LM head
+    (the embedding itself when tied); an untied embedding contributes only the looked-up rows."""
+    layers = sum(x.nbytes for x in jax.tree.leaves(params.layers))
+    head = params.embed.nbytes if params.lm_head is None else params.lm_head.nbytes
+    rows = 0 if params.lm_head is None else batch * cfg.hidden_size * params.embed.dtype.itemsize
+    return layers + params.final_norm.nbytes + head + rows
+
+
+def kv_bytes_read(cfg: ModelConfig, batch: int, context: int) -> int:
+    """K and V of ``context`` cached tokens of ``batch`` sequences, every layer."""
+    itemsize = jnp.dtype(cfg.jnp_dtype).itemsize
+    return 2 * batch * context * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def _stepper(params, cfg, rt, batch, context, steps):
+    """``run(n)``: n greedy decode steps queued back to back on a filled cache; returns tokens."""
+    cache = filled_cache(cfg, batch, context, context + 2 * steps + 64, rt.page_size)
+    holder = {"cache": cache, "tok": jnp.zeros((batch,), jnp.int32)}
+    key = jax.random.PRNGKey(0)
+    banned = jnp.zeros((batch, cfg.vocab_size), bool)
+    sp = SamplingParams()
+
+    def run(n):
+        for _ in range(n):
+            holder["tok"], holder["cache"] = engine.decode_sample_step(
+                params, holder["cache"], holder["tok"], key, banned, cfg, rt, sp
+            )
+        # Keep lengths at the context: every timed step reads the same number of K/V tokens.
+        holder["cache"].lengths = jnp.full((batch,), context, jnp.int32)
+        return holder["tok"]
+
+    return run
+
+
+def time_jit_step(params, cfg, rt, batch, context, steps) -> tuple[float, object]:
+    run = _stepper(params, cfg, rt, batch, context, steps)
+    jax.block_until_ready(run(3))
+    times = time_calls(lambda: run(steps), 3)
+    return statistics.median(times) / steps, run
+
+
+def time_generate(params, cfg, rt, batch, context, new_tokens) -> float:
+    """Decode ms per step of ``generate()`` (host loop included), median of two calls."""
+    from elastic_jax.generate import generate
+    from elastic_jax.loader import Model
+
+    model = Model(cfg, params, None, rt, max_cache_tokens=context + new_tokens + 256)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, context).tolist() for _ in range(batch)]
+    kw = dict(max_new_tokens=new_tokens, stop_token_ids=[])
+    generate(model, prompts, **kw)  # compile every bucket
+    per_step = []
+    for _ in range(2):
+        res = generate(model, prompts, **kw)
+        slowest = max(res.timings, key=lambda t: t.decode_ms)
+        per_step.append(slowest.decode_ms / max(slowest.new_tokens - 1, 1))
+    return statistics.median(per_step)
+
+
+_KERNEL_CLASSES = (
+    ("decode_attention", ("paged_decode",)),
+    ("gemv/gemm", ("gemm", "gemv", "cublas", "cutlass", "dot", "matmul", "sm90_xmma")),
+    ("cache_write", ("scatter",)),
+)
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, keys in _KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other (fusions: norms, rope, merge, sampling)"
+
+
+def profile_step(run, steps: int) -> dict:
+    from benchmarks.profiling import device_kernel_times
+
+    with tempfile.TemporaryDirectory() as d:
+        span, ksum, per_name = device_kernel_times(lambda i: run(1), steps, d)
+    per_class: collections.Counter = collections.Counter()
+    for name, us in per_name.items():
+        per_class[classify(name)] += us
+    top = per_name.most_common(12)
+    return {
+        "span_ms": span / 1e3,
+        "kernel_sum_ms": ksum / 1e3,
+        "per_class_ms": {k: v / 1e3 for k, v in per_class.items()},
+        "top_kernels_ms": [(n, us / 1e3) for n, us in top],
+        "kernels_per_step": None,
+    }
+
+
+def gemv_table(params: Params, cfg: ModelConfig, batch: int, copy_bw: float) -> list[dict]:
+    """Each distinct weight matrix of a layer (and the LM head) times a [batch, in] activation,
+    alone, 36 different layers' copies cycled so the L2 does not hold the weight."""
+    rows = []
+    lp = params.layers
+    mats = {
+        "wq": lp.wq.reshape(cfg.num_layers, cfg.hidden_size, -1),
+        "wk": lp.wk.reshape(cfg.num_layers, cfg.hidden_size, -1),
+        "wo": lp.wo.reshape(cfg.num_layers, -1, cfg.hidden_size),
+        "w_gate": lp.w_gate,
+        "w_down": lp.w_down,
+    }
+    for name, w in mats.items():
+        x = jnp.ones((batch, w.shape[1]), w.dtype)
+        f = jax.jit(lambda x, w: [x @ w[i] for i in range(w.shape[0])])
+        jax.block_until_ready(f(x, w))
+        t = statistics.median(time_calls(lambda x=x, w=w, f=f: f(x, w), 10)) / w.shape[0]
+        nbytes = w[0].nbytes
+        rows.append(
+            {
+                "matrix": name,
+                "shape": list(w.shape[1:]),
+                "us": t * 1e6,
+                "tb_s": nbytes / t / 1e12,
+                "of_copy_bw": nbytes / t / copy_bw,
+            }
+        )
+    head = params.embed.T if params.lm_head is None else params.lm_head
+    x = jnp.ones((batch, head.shape[0]), head.dtype)
+    f = jax.jit(lambda x, w: jnp.einsum("be,ev->bv", x, w, preferred_element_type=jnp.float32))
+    jax.block_until_ready(f(x, head))
+    t = statistics.median(time_calls(lambda: f(x, head), 10))
+    rows.append(
+        {
+            "matrix": "lm_head",
+            "shape": list(head.shape),
+            "us": t * 1e6,
+            "tb_s": head.nbytes / t / 1e12,
+            "of_copy_bw": head.nbytes / t / copy_bw,
+        }
+    )
+    return rows
+
+
+def parse_configs(spec: str) -> list[tuple[str, int, int]]:
+    out = []
+    for item in spec.split(","):
+        shape, b, ctx = item.split(":")
+        if shape not in SHAPES:
+            raise ValueError(f"--configs: unknown shape {shape!r}; allowed: {sorted(SHAPES)}")
+        out.append((shape, int(b), int(ctx)))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--configs",
+        default="4b:1:32768,8b:1:32768,8b:1:65536",
+        help="comma list of shape:batch:context",
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--generate", action="store_true", help="also time generate()")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--gemv", action="store_true")
+    p.add_argument("--decode-impl", default="auto")
+    p.add_argument("--label", default="", help="free text stored with the rows (e.g. XLA flags)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    dev = jax.devices()[0]
+    copy_bw = copy_bandwidth(0.25 if dev.platform == "cpu" else 2.0)
+    print(f"{dev.device_kind}: copy bandwidth {copy_bw / 1e12:.3f} TB/s", flush=True)
+    rt = RuntimeConfig(attention_mode="dense", decode_impl=args.decode_impl)
+    rows, gemv, params_for = [], {}, {}
+    for shape, batch, context in parse_configs(args.configs):
+        if shape not in params_for:
+            params_for.clear()  # one shape's weights on the device at a time
+            cfg = make_config(shape)
+            params_for[shape] = (
+                cfg,
+                jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(0)),
+            )
+        cfg, params = params_for[shape]
+        w_bytes = weight_bytes_read(params, cfg, batch)
+        kv = kv_bytes_read(cfg, batch, context)
+        ideal_ms = (w_bytes + kv) / copy_bw * 1e3
+        row = {
+            "shape": shape,
+            "batch": batch,
+            "context": context,
+            "weights_gb": w_bytes / 1e9,
+            "kv_gb": kv / 1e9,
+            "ideal_ms": ideal_ms,
+            "label": args.label,
+        }
+        try:
+            sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps)
+            row["jit_ms"] = sec * 1e3
+            row["jit_ratio"] = row["jit_ms"] / ideal_ms
+            row["jit_tb_s"] = (w_bytes + kv) / sec / 1e12
+            if args.profile and dev.platform == "gpu":
+                try:
+                    row["profile"] = profile_step(run, 10)
+                except Exception as e:  # noqa: BLE001 - a trace problem must not lose the row
+                    row["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            del run
+            if args.generate:
+                row["generate_ms"] = time_generate(params, cfg, rt, batch, context, args.gen_tokens)
+                row["generate_ratio"] = row["generate_ms"] / ideal_ms
+        except Exception as e:  # noqa: BLE001 - an OOM at one size must not lose the others
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.gemv and (shape, batch) not in gemv:
+            gemv[(shape, batch)] = gemv_table(params, cfg, batch, copy_bw)
+    meta = {
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "dtype": "bfloat16",
+        "copy_bw_tb_s": copy_bw / 1e12,
+        "steps": args.steps,
+        "label": args.label,
+    }
+    print(
+        f"\n{meta['device']}  jax {meta['jax']}  copy {meta['copy_bw_tb_s']:.3f} TB/s  {args.label}"
+    )
+    print(
+        f"{'shape':5} {'B':>3} {'ctx':>6} {'GB/step':>8} {'ideal ms':>9} {'jit ms':>8} "
+        f"{'ratio':>6} {'TB/s':>6} {'gen ms':>8} {'ratio':>6}"
+    )
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:5} {r['batch']:>3} {r['context']:>6} ERROR {r['error'][:80]}")
+            continue
+        g = r.get("generate_ms")
+        print(
+            f"{r['shape']:5} {r['batch']:>3} {r['context']:>6} "
+            f"{r['weights_gb'] + r['kv_gb']:>8.2f} {r['ideal_ms']:>9.2f} {r['jit_ms']:>8.2f} "
+            f"{r['jit_ratio']:>6.2f} {r['jit_tb_s']:>6.2f} "
+            + (f"{g:>8.2f} {r['generate_ratio']:>6.2f}" if g else "")
+        )
+        if "profile" in r:
+            pr = r["profile"]
+            cls = ", ".join(f"{k} {v:.2f}" for k, v in sorted(pr["per_class_ms"].items()))
+            print(
+                f"      profile: span {pr['span_ms']:.2f} ms, kernels {pr['kernel_sum_ms']:.2f} "
+                f"ms ({cls})"
+            )
+    for (shape, batch), gr in gemv.items():
+        print(
+            f"GEMV {shape} B={batch}: "
+            + ", ".join(f"{g['matrix']} {g['us']:.1f}us {g['tb_s']:.2f}TB/s" for g in gr)
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {"meta": meta, "rows": rows, "gemv": {f"{s}:{b}": g for (s, b), g in gemv.items()}},
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()
