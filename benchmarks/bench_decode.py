@@ -108,7 +108,16 @@ def kv_bytes_read(cfg: ModelConfig, batch: int, context: int) -> int:
     return 2 * batch * context * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
-def _stepper(params, cfg, rt, batch, context, steps):
+def _xla_default_step():
+    """``engine.decode_sample_step`` compiled without ``engine.DECODE_COMPILER_OPTIONS`` (A/B)."""
+    return jax.jit(
+        engine.decode_sample_step.__wrapped__,
+        static_argnames=("cfg", "rt", "sp"),
+        donate_argnames=("cache",),
+    )
+
+
+def _stepper(params, cfg, rt, batch, context, steps, step_fn=None):
     """``run(n)``: n greedy decode steps queued back to back on a filled cache; returns tokens."""
     cache = filled_cache(cfg, batch, context, context + 2 * steps + 64, rt.page_size)
     holder = {"cache": cache, "tok": jnp.zeros((batch,), jnp.int32)}
@@ -116,9 +125,11 @@ def _stepper(params, cfg, rt, batch, context, steps):
     banned = jnp.zeros((batch, cfg.vocab_size), bool)
     sp = SamplingParams()
 
+    step_fn = step_fn or engine.decode_sample_step
+
     def run(n):
         for _ in range(n):
-            holder["tok"], holder["cache"] = engine.decode_sample_step(
+            holder["tok"], holder["cache"] = step_fn(
                 params, holder["cache"], holder["tok"], key, banned, cfg, rt, sp
             )
         # Keep lengths at the context: every timed step reads the same number of K/V tokens.
@@ -128,8 +139,8 @@ def _stepper(params, cfg, rt, batch, context, steps):
     return run
 
 
-def time_jit_step(params, cfg, rt, batch, context, steps) -> tuple[float, object]:
-    run = _stepper(params, cfg, rt, batch, context, steps)
+def time_jit_step(params, cfg, rt, batch, context, steps, step_fn=None) -> tuple[float, object]:
+    run = _stepper(params, cfg, rt, batch, context, steps, step_fn)
     jax.block_until_ready(run(3))
     times = time_calls(lambda: run(steps), 3)
     return statistics.median(times) / steps, run
@@ -297,6 +308,11 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true")
     p.add_argument("--gemv", action="store_true")
     p.add_argument("--decode-impl", default="auto")
+    p.add_argument(
+        "--xla-default",
+        action="store_true",
+        help="time the step compiled without engine.DECODE_COMPILER_OPTIONS (A/B)",
+    )
     p.add_argument("--dump-hlo", default=None, help="directory: write each step's optimized HLO")
     p.add_argument("--label", default="", help="free text stored with the rows (e.g. XLA flags)")
     p.add_argument("--out", default=None)
@@ -335,7 +351,8 @@ def main(argv=None):
             "label": args.label,
         }
         try:
-            sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps)
+            step_fn = _xla_default_step() if args.xla_default else None
+            sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps, step_fn)
             row["jit_ms"] = sec * 1e3
             row["jit_ratio"] = row["jit_ms"] / ideal_ms
             row["jit_tb_s"] = (w_bytes + kv) / sec / 1e12

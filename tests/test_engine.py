@@ -78,26 +78,27 @@ def test_generate_text_prompts_chat_template_and_stop(tiny_qwen3, hf_model):
     assert res3.token_ids[0][0] != first
 
 
-def test_decode_after_prefill_equals_full_forward(tiny_qwen3):
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1 takes decode's two-row projection path
+def test_decode_after_prefill_equals_full_forward(tiny_qwen3, batch):
     model = load_model(tiny_qwen3[1], page_size=16)
     cfg, rt, params = model.config, model.runtime, model.params
     rng = np.random.default_rng(3)
-    lengths = np.array([21, 40], np.int32)
-    full = rng.integers(3, 512, (2, 48)).astype(np.int32)
+    lengths = np.array([21, 40], np.int32)[:batch]
+    full = rng.integers(3, 512, (batch, 48)).astype(np.int32)
     T = 128
-    tokens = np.zeros((2, T), np.int32)
+    tokens = np.zeros((batch, T), np.int32)
     for b, n in enumerate(lengths):
         tokens[b, :n] = full[b, :n]
-    cache = kv_cache.create(cfg, 2, 64, page_size=16)
+    cache = kv_cache.create(cfg, batch, 64, page_size=16)
     logits, cache, _ = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(lengths), cfg, rt)
     steps = [logits]
     for s in range(6):
-        nxt = full[np.arange(2), lengths + s]
+        nxt = full[np.arange(batch), lengths + s]
         logits, cache = decode(params, cache, jnp.asarray(nxt), cfg, rt)
         steps.append(logits)
-    ref = np.asarray(forward(params, jnp.asarray(full), jnp.full((2,), 48, jnp.int32), cfg, rt))
+    ref = np.asarray(forward(params, jnp.asarray(full), jnp.full((batch,), 48, jnp.int32), cfg, rt))
     for s, got in enumerate(steps):
-        want = ref[np.arange(2), lengths - 1 + s]
+        want = ref[np.arange(batch), lengths - 1 + s]
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
     assert np.asarray(cache.lengths).tolist() == (lengths + 6).tolist()
 
