@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import sharding
+from elastic_jax import elastic_attention, sharding
 from elastic_jax.config import ModelConfig, RuntimeConfig
 from pallas_kernels._compat import on_gpu as _on_gpu
 
@@ -110,8 +110,6 @@ def prefill_attention(
     def local(q, k, v, kv_lengths, head_modes):
         if head_modes is None:
             return _dense_prefill(q, k, v, kv_lengths, rt), {}
-        from elastic_jax import elastic_attention
-
         return elastic_attention.elastic_prefill_attention(
             q, k, v, kv_lengths, head_modes, cfg, rt, impl
         )

@@ -22,6 +22,7 @@ from elastic_jax.config import ModelConfig, RuntimeConfig, rope_inv_freq
 from elastic_jax.elastic_config import MODE_STREAMING, MODE_XATTN
 from elastic_jax.layers import apply_rope, residual_in_chunks, rms_norm, rope_cos_sin, swiglu_mlp
 from elastic_jax.params import LayerParams, Params
+from elastic_jax.router import route
 
 
 def _rope_tables(positions: jax.Array, cfg: ModelConfig):
@@ -69,8 +70,6 @@ def head_modes_for(
                 "XAttention) of a PawQwen3 config; this model is plain Qwen3"
             )
         return jnp.full((B, H), forced[rt.attention_mode], jnp.int32), None
-    from elastic_jax.router import route
-
     modes, z_kv, _ = route(k_pre, lengths, lp.router, cfg.elastic, H)
     return modes, z_kv
 
