@@ -123,7 +123,7 @@ def dense_prefill_kernel(q: jax.Array, rt: RuntimeConfig) -> str:
     Hopper), "triton" (the same kernel's Triton version; interpret mode on CPU), "cudnn" or
     "reference" (jnp). "auto" on GPU takes the Mosaic kernel where it supports the shapes, else
     cuDNN: in the 8B model the Mosaic kernel measured equal to cuDNN at 32K/64K and 4% faster
-    at 128K (BENCHMARKS.md section 1)."""
+    at 128K (BENCHMARKS.md, end-to-end prefill)."""
     impl = rt.prefill_impl
     if impl in ("reference", "xla") or (impl == "auto" and not _on_gpu()):
         return "reference"
