@@ -1,7 +1,7 @@
 """Long-context engine benchmark (issue 9): Qwen3-8B-shaped model with random bf16 weights.
 
-    PYTHONPATH=. python3 benchmarks/bench_engine.py --sections prefill --out $OUT/engine_prefill.json
-    PYTHONPATH=. python3 benchmarks/bench_engine.py --sections decode,parts --out $OUT/engine_decode.json
+    PYTHONPATH=. python3 benchmarks/bench_engine.py --sections prefill --out $OUT/qwen3_8b_prefill.json
+    PYTHONPATH=. python3 benchmarks/bench_engine.py --sections decode,parts --out $OUT/qwen3_8b_decode.json
 
 Sections (each appends rows to the JSON and prints a table at the end):
   parts    the ingredients of the "ideal" times, measured in this run: bf16 GEMM rate (8192^3),

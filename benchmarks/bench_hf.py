@@ -2,7 +2,7 @@
 bf16 weights, on the GPU. Run in its own process (JAX and torch do not share the GPU well).
 
     PYTHONPATH=. python3 benchmarks/bench_hf.py --shape 8b --prefill 32768,65536,131072 \
-        --decode-context 65536 --decode-batch 1,8 --out $OUT/hf_8b.json
+        --decode-context 65536 --decode-batch 1,8 --out $OUT/qwen3_8b_hf.json
 
 Prefill: ``model(input_ids, use_cache=True, logits_to_keep=1)`` (what ``generate`` runs for the
 prompt), median of ``--reps`` after a warm-up, peak memory from torch.cuda. Decode: median time of

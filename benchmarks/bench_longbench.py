@@ -85,8 +85,8 @@ TOKENIZER_VOCAB = 512  # small byte-level BPE: builds in ~1 s, ids < any benchma
 WARMUP_TOKENS = 2  # the 2nd token is read after the first decode step was compiled and run
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-# Cost model for the start-up estimate: Qwen3-4B shape on one H100 (BENCHMARKS.md section 2,
-# results/model_4b.json: dense prefill 0.145 s at 8K, 1.006 s at 32K; decode 10.9 ms/token at 8K,
+# Cost model for the start-up estimate: Qwen3-4B shape on one H100 (BENCHMARKS.md, Qwen3-4B shape;
+# results/qwen3_4b_h100.json: dense prefill 0.145 s at 8K, 1.006 s at 32K; decode 10.9 ms/token at 8K,
 # batch 1), scaled by parameter count for other shapes. Compile time (prefill + decode step) per
 # (prompt bucket, capacity) shape and mode is a guess.
 _PREFILL_S_PER_TOKEN = 1.34e-5

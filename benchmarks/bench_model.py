@@ -2,7 +2,7 @@
 model through our jitted steps, printed as one table and written as JSON.
 
     PYTHONPATH=. python3 benchmarks/bench_model.py --shape 4b --prefill 8192,32768 \
-        --decode-context 8192 --decode-batch 1,8 --out $OUT/model_4b.json
+        --decode-context 8192 --decode-batch 1,8 --out $OUT/qwen3_4b.json
 
 Prefill time is the jitted ``prefill_step`` (whole prompt, all layers, cache write, last logits),
 median of ``--reps`` after a warm-up (compile excluded). Decode time is the median per-step time of

@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from elastic_jax import sharding
+from elastic_jax import elastic_attention, sharding
 from elastic_jax.config import ModelConfig, RuntimeConfig
 from pallas_kernels._compat import on_gpu as _on_gpu
 
@@ -110,8 +110,6 @@ def prefill_attention(
     def local(q, k, v, kv_lengths, head_modes):
         if head_modes is None:
             return _dense_prefill(q, k, v, kv_lengths, rt), {}
-        from elastic_jax import elastic_attention
-
         return elastic_attention.elastic_prefill_attention(
             q, k, v, kv_lengths, head_modes, cfg, rt, impl
         )
@@ -125,7 +123,7 @@ def dense_prefill_kernel(q: jax.Array, rt: RuntimeConfig) -> str:
     Hopper), "triton" (the same kernel's Triton version; interpret mode on CPU), "cudnn" or
     "reference" (jnp). "auto" on GPU takes the Mosaic kernel where it supports the shapes, else
     cuDNN: in the 8B model the Mosaic kernel measured equal to cuDNN at 32K/64K and 4% faster
-    at 128K (BENCHMARKS.md section 1)."""
+    at 128K (BENCHMARKS.md, end-to-end prefill)."""
     impl = rt.prefill_impl
     if impl in ("reference", "xla") or (impl == "auto" and not _on_gpu()):
         return "reference"

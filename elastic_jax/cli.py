@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from elastic_jax.config import ATTENTION_MODES, DECODE_IMPLS, PREFILL_IMPLS
+from elastic_jax.generate import generate, stream_text
+from elastic_jax.loader import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from elastic_jax import generate, load_model, stream_text
-
     model = load_model(
         args.model_dir,
         attention_mode=args.attention_mode,

@@ -16,6 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from elastic_jax.elastic_config import ElasticConfig
+from elastic_jax.errors import ConfigError  # re-exported: callers import it from here
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "PawQwen3ForCausalLM")
 ELASTIC_ARCHITECTURES = ("PawQwen3ForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
@@ -27,10 +30,6 @@ _REQUIRED_FIELDS = (
     "num_attention_heads",
     "rms_norm_eps",
 )
-
-
-class ConfigError(ValueError):
-    """A config.json field is missing or has a value we cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +70,8 @@ class ModelConfig:
     dtype: str = "bfloat16"
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    # ElasticConfig for PawQwen3 (None for plain Qwen3). Typed loosely to avoid an import cycle.
-    elastic: Any = None
+    # ElasticConfig for PawQwen3 (None for plain Qwen3).
+    elastic: ElasticConfig | None = None
 
     @property
     def group_size(self) -> int:
@@ -139,8 +138,6 @@ class ModelConfig:
         d["rope"] = RopeConfig(**d["rope"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         if d.get("elastic") is not None:
-            from elastic_jax.elastic_config import ElasticConfig
-
             d["elastic"] = ElasticConfig(**d["elastic"])
         return cls(**d).validate()
 
@@ -196,8 +193,6 @@ def config_from_hf(
     eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
     elastic = None
     if arch in ELASTIC_ARCHITECTURES:
-        from elastic_jax.elastic_config import ElasticConfig
-
         elastic = ElasticConfig.from_hf_dict(hf, source=source)
     if hf.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=true is not supported")

@@ -13,6 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from convert.hf_to_jax import convert
+from elastic_jax.generate import generate
+from elastic_jax.loader import load_model
+from elastic_jax.testing.tiny import make_tiny_qwen3
+from elastic_jax.testing.tiny_elastic import make_tiny_pawqwen3
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -22,20 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--elastic", action="store_true", help="a tiny PawQwen3 (router) checkpoint")
     args = p.parse_args(argv)
 
-    from convert.hf_to_jax import convert
-    from elastic_jax import generate, load_model
-
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="elastic_jax_demo_"))
     hf_dir, conv_dir = root / "hf_tiny", root / "converted"
     for d in (hf_dir, conv_dir):
         shutil.rmtree(d, ignore_errors=True)
     if args.elastic:
-        from elastic_jax.testing.tiny_elastic import make_tiny_pawqwen3
-
         make_tiny_pawqwen3(hf_dir)
     else:
-        from elastic_jax.testing.tiny import make_tiny_qwen3
-
         make_tiny_qwen3(hf_dir, dtype="bfloat16")
     print(f"1. tiny random HF checkpoint: {hf_dir}")
     convert(hf_dir, conv_dir, dtype="bf16", verify=True)

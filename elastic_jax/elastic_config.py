@@ -29,7 +29,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-from elastic_jax.config import ConfigError
+from elastic_jax.errors import ConfigError
 
 MODE_DENSE = 0
 MODE_XATTN = 1

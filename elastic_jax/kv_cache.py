@@ -148,8 +148,8 @@ def write_pages(
 ) -> tuple[jax.Array, jax.Array]:
     """Write whole pages of one layer (the prefill write): one scatter index per page (N*D
     contiguous elements per kv head) instead of one per token, so 1/N of the index arrays. On
-    the GPU it measured the same time as the per-token scatter (8B profile at 32K, BENCHMARKS.md
-    section 1): XLA's scatter cost follows the elements written, not the index count.
+    the GPU it measured the same time as the per-token scatter (8B profile at 32K on an H100):
+    XLA's scatter cost follows the elements written, not the index count.
 
     k, v: [L, K, P, N, D]; pages: int32 [B, C] (``prompt_pages``); k_new, v_new: [B, C*N, K, D]
     (tokens 0 .. C*N - 1 of each sequence).

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic_jax import checkpoint
+from elastic_jax import sharding as sharding_lib
 from elastic_jax.config import ModelConfig, RuntimeConfig
 from elastic_jax.params import Params
 from elastic_jax.tokenizer import Tokenizer
@@ -74,8 +75,6 @@ def load_model(
             f"XAttention settings); {path} is {cfg.architecture}"
         )
     if mesh is not None:
-        from elastic_jax import sharding as sharding_lib
-
         if sharding is not None:
             raise ValueError("pass either mesh= or sharding=, not both")
         sharding = sharding_lib.param_state_shardings(cfg, mesh)  # checks head divisibility

@@ -22,6 +22,7 @@ from elastic_jax.config import ModelConfig, RuntimeConfig, rope_inv_freq
 from elastic_jax.elastic_config import MODE_STREAMING, MODE_XATTN
 from elastic_jax.layers import apply_rope, residual_in_chunks, rms_norm, rope_cos_sin, swiglu_mlp
 from elastic_jax.params import LayerParams, Params
+from elastic_jax.router import route
 
 
 def _rope_tables(positions: jax.Array, cfg: ModelConfig):
@@ -69,8 +70,6 @@ def head_modes_for(
                 "XAttention) of a PawQwen3 config; this model is plain Qwen3"
             )
         return jnp.full((B, H), forced[rt.attention_mode], jnp.int32), None
-    from elastic_jax.router import route
-
     modes, z_kv, _ = route(k_pre, lengths, lp.router, cfg.elastic, H)
     return modes, z_kv
 
@@ -212,7 +211,7 @@ def decode(
     The token sits at position ``cache.lengths[b]``. Decode attention is dense for every head
     (Elastic Attention sparsifies prefill only). Layers are unrolled in Python rather than
     scanned: inside a while loop XLA copied the whole cache (loop state) every step, which cost
-    1.6x in decode time at 64K context (BENCHMARKS.md). The cache is only read per layer; every
+    1.6x in decode time at 64K context on an H100. The cache is only read per layer; every
     layer's new K/V is written in one scatter at the end (in place: the jitted step donates it).
     """
     pos = cache.lengths[:, None]  # [B, 1]

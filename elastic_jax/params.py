@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax.config import ModelConfig
+from elastic_jax.router import RouterParams
 
 
 @jax.tree_util.register_dataclass
@@ -57,8 +58,6 @@ def router_abstract(cfg: ModelConfig, dtype) -> Any:
     """Stacked router weights of a PawQwen3 model (None for plain Qwen3)."""
     if not cfg.is_elastic:
         return None
-    from elastic_jax.router import RouterParams
-
     L, d = cfg.num_layers, cfg.head_dim
     shapes = RouterParams.shapes(d, use_softmax=cfg.elastic.use_softmax)
     return RouterParams(**{k: jax.ShapeDtypeStruct((L, *s), dtype) for k, s in shapes.items()})

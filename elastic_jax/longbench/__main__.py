@@ -14,8 +14,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from elastic_jax.tokenizer import Tokenizer
+
 from .report import DEFAULT_ELASTIC_PAPER_ROW, render_markdown, write_report
 from .runner import ATTENTION_MODES, run_longbench
+from .synthetic import make_synthetic_data
 from .tasks import ALL_TASKS, LONGBENCH_E_TASKS, TASKS
 
 
@@ -130,16 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from .synthetic import make_synthetic_data
-
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--lengths {args.lengths!r}: expected a comma list of ints") from None
     tokenizer = None
     if args.tokenizer:
-        from elastic_jax.tokenizer import Tokenizer
-
         tokenizer = Tokenizer(args.tokenizer)
     paths = make_synthetic_data(
         args.out_dir,

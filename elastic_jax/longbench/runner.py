@@ -19,6 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from elastic_jax.generate import generate
+from elastic_jax.loader import load_model
+
+from . import report
 from .dataset import load_task_data, read_predictions
 from .prompts import Tokenizer, build_prompt, stop_token_ids
 from .tasks import TaskRun, resolve_tasks
@@ -65,14 +69,10 @@ LoadFn = Callable[..., Model]
 
 
 def _default_load_fn() -> LoadFn:
-    from elastic_jax import load_model  # lazy: the model stack is only needed to generate
-
     return load_model
 
 
 def _default_generate_fn() -> GenerateFn:
-    from elastic_jax import generate
-
     return generate
 
 
@@ -345,8 +345,6 @@ def run_longbench(
     prediction files and their run config) is checked before any model is loaded.
     """
     from tqdm.auto import tqdm
-
-    from . import report
 
     modes = [attention_modes] if isinstance(attention_modes, str) else list(attention_modes)
     _check_args(modes, batch_size, limit, max_length)

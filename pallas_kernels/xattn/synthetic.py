@@ -17,7 +17,7 @@ sparsity. ``structured_qk`` builds inputs whose attention looks like a language 
 
 With the defaults the estimate (threshold 0.9, block 128, stride 16 or 8) keeps 5-30% of the
 causal blocks at 8K-128K tokens: 9-12% on the benchmark's 32-head inputs at 32K/64K/128K
-(benchmarks/results/xattn.md), 15-24% on single-head draws; i.i.d. N(0, 1) inputs keep 90%.
+(BENCHMARKS.md, XAttention estimate), 15-24% on single-head draws; i.i.d. N(0, 1) inputs keep 90%.
 """
 
 from __future__ import annotations
