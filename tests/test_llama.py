@@ -14,7 +14,7 @@ import torch
 
 from convert.hf_to_jax import ConversionError, convert
 from elastic_jax import generate, load_model
-from elastic_jax.config import ConfigError, config_from_hf, rope_inv_freq
+from elastic_jax.config import config_from_hf, rope_inv_freq
 from elastic_jax.model import forward_jit
 from elastic_jax.testing.tiny import TINY_LLAMA3_SCALING
 
@@ -158,7 +158,7 @@ def test_llama_chat_prompt_and_eos_ids(tiny_checkpoints):
     ],
 )
 def test_bad_llama_configs(overrides, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ValueError, match=match):
         config_from_hf(_hf_config(**overrides), source="llama/config.json")
 
 
