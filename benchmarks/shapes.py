@@ -34,3 +34,37 @@ SHAPES = {
         tie_word_embeddings=True,
     ),
 }
+
+# Llama-3.1 shapes (same keys as SHAPES) and their RoPE: theta 5e5 with llama3 frequency scaling
+# (factor 8 over an 8K pretraining window), RMSNorm eps 1e-5, no q/k norm.
+LLAMA_SHAPES = {
+    # Llama-3.1-8B: untied, 128K vocab.
+    "llama8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    ),
+}
+LLAMA31_ROPE = dict(
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
+LLAMA_RMS_NORM_EPS = 1e-5

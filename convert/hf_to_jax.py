@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Qwen3 / PawQwen3 checkpoint to an elastic-jax checkpoint.
+"""Convert a Hugging Face Qwen3 / PawQwen3 / Llama / PawLlama checkpoint to an elastic-jax
+checkpoint.
 
     python -m convert HF_DIR OUT_DIR [--dtype bf16] [--verify] [--overwrite]
 
@@ -130,6 +131,8 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> list[mapp
             log.info("skipping training-only tensor %s", name)
         elif mapping.is_ignorable(name, cfg):
             log.info("skipping unused tensor %s", name)
+        elif (why := mapping.unexpected_tensor_message(name, cfg)) is not None:
+            raise ConversionError(f"{why} (in {tensors[name].file.name})")
         else:
             log.warning("skipping unknown tensor %s %s", name, list(tensors[name].shape))
     return rules

@@ -1,4 +1,4 @@
-"""HF Qwen3 tensor names -> our parameter layout (``elastic_jax.params``).
+"""HF Qwen3 / Llama tensor names -> our parameter layout (``elastic_jax.params``).
 
 Each rule names the HF tensor, its expected HF shape, where it goes in our tree (field, layer or
 None) and how it is transformed. The converter checks every shape against these rules before
@@ -33,6 +33,34 @@ class Rule:
 
 def _t(x: np.ndarray) -> np.ndarray:
     return x.T
+
+
+def _heads(n: int, d: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: x.reshape(n, d)
+
+
+# Unknown tensors under these module paths change what the layer computes (a norm, a bias or a
+# router layer our model does not have), so the converter refuses them instead of skipping.
+_COMPUTE_MODULE = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.")
+
+
+def unexpected_tensor_message(name: str, cfg: ModelConfig) -> str | None:
+    """Why an unknown checkpoint tensor cannot be ignored, or None if skipping it is safe."""
+    if not _COMPUTE_MODULE.match(name):
+        return None
+    hints = []
+    if name.endswith(("q_norm.weight", "k_norm.weight")) and not cfg.qk_norm:
+        hints.append(f"{cfg.architecture} has no per-head q/k RMSNorm")
+    if name.endswith(("_proj.bias",)):
+        flag = "mlp_bias" if ".mlp." in name else "attention_bias"
+        hints.append(f"config.json has {flag}={getattr(cfg, flag)}")
+    if ".mask_allocator." in name:
+        hints.append("not part of the router layout we implement (docs/spec_notes.md)")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return (
+        f"tensor '{name}' is not used by {cfg.architecture} as configured{hint}; converting "
+        "without it would compute a different layer"
+    )
 
 
 def backbone_rules(cfg: ModelConfig) -> list[Rule]:
@@ -82,13 +110,29 @@ def backbone_rules(cfg: ModelConfig) -> list[Rule]:
                 i,
                 lambda x: x.T.reshape(H, D, E),
             ),
-            Rule(p + "self_attn.q_norm.weight", (D,), "layers.q_norm", i, lambda x: x),
-            Rule(p + "self_attn.k_norm.weight", (D,), "layers.k_norm", i, lambda x: x),
             Rule(p + "post_attention_layernorm.weight", (E,), "layers.mlp_norm", i, lambda x: x),
             Rule(p + "mlp.gate_proj.weight", (F, E), "layers.w_gate", i, _t),
             Rule(p + "mlp.up_proj.weight", (F, E), "layers.w_up", i, _t),
             Rule(p + "mlp.down_proj.weight", (E, F), "layers.w_down", i, _t),
         ]
+        if cfg.qk_norm:  # Qwen3
+            rules += [
+                Rule(p + "self_attn.q_norm.weight", (D,), "layers.q_norm", i, lambda x: x),
+                Rule(p + "self_attn.k_norm.weight", (D,), "layers.k_norm", i, lambda x: x),
+            ]
+        if cfg.attention_bias:
+            rules += [
+                Rule(p + "self_attn.q_proj.bias", (H * D,), "layers.q_bias", i, _heads(H, D)),
+                Rule(p + "self_attn.k_proj.bias", (K * D,), "layers.k_bias", i, _heads(K, D)),
+                Rule(p + "self_attn.v_proj.bias", (K * D,), "layers.v_bias", i, _heads(K, D)),
+                Rule(p + "self_attn.o_proj.bias", (E,), "layers.o_bias", i, lambda x: x),
+            ]
+        if cfg.mlp_bias:
+            rules += [
+                Rule(p + "mlp.gate_proj.bias", (F,), "layers.gate_bias", i, lambda x: x),
+                Rule(p + "mlp.up_proj.bias", (F,), "layers.up_bias", i, lambda x: x),
+                Rule(p + "mlp.down_proj.bias", (E,), "layers.down_bias", i, lambda x: x),
+            ]
     return rules
 
 

@@ -1,4 +1,5 @@
-"""elastic-jax: Elastic Attention (PawQwen3) and Qwen3 in JAX, with Pallas GPU kernels.
+"""elastic-jax: Elastic Attention (PawQwen3, PawLlama) with Qwen3 and Llama-3.x backbones in JAX,
+with Pallas GPU kernels.
 
 Quick use::
 

@@ -19,9 +19,16 @@ import numpy as np
 from elastic_jax.elastic_config import ElasticConfig
 from elastic_jax.errors import ConfigError  # re-exported: callers import it from here
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "PawQwen3ForCausalLM")
-ELASTIC_ARCHITECTURES = ("PawQwen3ForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3ForCausalLM",
+    "PawQwen3ForCausalLM",
+    "LlamaForCausalLM",
+    "PawLlamaForCausalLM",
+)
+ELASTIC_ARCHITECTURES = ("PawQwen3ForCausalLM", "PawLlamaForCausalLM")
+# Llama backbones: no q/k RMSNorm, optional projection biases (the only per-family differences).
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "PawLlamaForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "yarn", "llama3")
 _REQUIRED_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -47,13 +54,21 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Qwen3 / PawQwen3 architecture. Letters used in docstrings: E = hidden_size,
-    F = intermediate_size, H = num_heads, K = num_kv_heads, D = head_dim, V = vocab_size."""
+    """Qwen3 / PawQwen3 / Llama / PawLlama architecture. Letters used in docstrings:
+    E = hidden_size, F = intermediate_size, H = num_heads, K = num_kv_heads, D = head_dim,
+    V = vocab_size.
+
+    Per-family differences are explicit flags (one model code path): ``qk_norm`` (Qwen3: RMSNorm
+    of each q/k head before RoPE; Llama: none), ``attention_bias`` (q/k/v/o projection biases) and
+    ``mlp_bias`` (gate/up/down biases). Defaults are Qwen3's, so older converted checkpoints load
+    unchanged."""
 
     architecture: str
     vocab_size: int
@@ -70,8 +85,11 @@ class ModelConfig:
     dtype: str = "bfloat16"
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    # ElasticConfig for PawQwen3 (None for plain Qwen3).
+    # ElasticConfig for PawQwen3 / PawLlama (None for plain models).
     elastic: ElasticConfig | None = None
+    qk_norm: bool = True  # Qwen3: RMSNorm on q and k per head; Llama: none
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
     @property
     def group_size(self) -> int:
@@ -116,12 +134,24 @@ class ModelConfig:
                 f"rope_scaling type {self.rope.rope_type!r} is not supported; "
                 f"allowed: {SUPPORTED_ROPE_TYPES}"
             )
-        if self.rope.rope_type == "yarn":
+        if self.rope.rope_type in ("yarn", "llama3"):
+            kind = self.rope.rope_type
             if self.rope.factor is None or self.rope.factor <= 0:
-                raise ConfigError(f"rope_scaling.factor={self.rope.factor!r} must be > 0 for yarn")
+                raise ConfigError(
+                    f"rope_scaling.factor={self.rope.factor!r} must be given and > 0 for {kind}"
+                )
             if not self.rope.original_max_position_embeddings:
                 raise ConfigError(
-                    "rope_scaling.original_max_position_embeddings is required for yarn"
+                    f"rope_scaling.original_max_position_embeddings is required for {kind}"
+                )
+        if self.rope.rope_type == "llama3":
+            lo, hi = self.rope.low_freq_factor, self.rope.high_freq_factor
+            for name, value in (("low_freq_factor", lo), ("high_freq_factor", hi)):
+                if value is None:
+                    raise ConfigError(f"rope_scaling.{name} is required for llama3 (missing)")
+            if not hi > lo:
+                raise ConfigError(
+                    f"rope_scaling.high_freq_factor={hi} must be > low_freq_factor={lo} for llama3"
                 )
         return self
 
@@ -155,8 +185,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         merged["rope_theta"] = hf.get("rope_theta", 10_000.0)
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     orig = merged.get("original_max_position_embeddings")
-    if rope_type == "yarn" and orig is None:
-        # transformers falls back to max_position_embeddings for yarn.
+    if rope_type in ("yarn", "llama3") and orig is None:
+        # transformers falls back to max_position_embeddings for yarn and llama3.
         orig = hf.get("max_position_embeddings")
     return RopeConfig(
         rope_type=rope_type,
@@ -169,7 +199,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         mscale=merged.get("mscale"),
         mscale_all_dim=merged.get("mscale_all_dim"),
         truncate=bool(merged.get("truncate", True)),
+        low_freq_factor=_opt_float(merged.get("low_freq_factor")),
+        high_freq_factor=_opt_float(merged.get("high_freq_factor")),
     )
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def config_from_hf(
@@ -196,6 +232,11 @@ def config_from_hf(
         elastic = ElasticConfig.from_hf_dict(hf, source=source)
     if hf.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(
+            f"{source}: hidden_act={hf['hidden_act']!r} is not supported; allowed: 'silu'"
+        )
+    llama = arch in LLAMA_ARCHITECTURES
     cfg = ModelConfig(
         architecture=arch,
         vocab_size=int(hf["vocab_size"]),
@@ -213,6 +254,9 @@ def config_from_hf(
         eos_token_ids=eos_ids,
         pad_token_id=hf.get("pad_token_id"),
         elastic=elastic,
+        qk_norm=not llama,
+        attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
     )
     try:
         return cfg.validate()
@@ -239,11 +283,17 @@ def load_hf_config(path: str | Path, *, dtype: str = "bfloat16") -> ModelConfig:
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     """Inverse frequencies ``[D/2]`` (float32) and the cos/sin scaling factor, as transformers
-    computes them (default and yarn)."""
+    computes them (default, yarn and llama3)."""
     r, dim = cfg.rope, cfg.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+    # torch's ``theta ** tensor`` rounds a float64-accurate power to float32, then 1/x in float32.
+    base = (1.0 / (np.float64(r.theta) ** exponents.astype(np.float64)).astype(np.float32)).astype(
+        np.float32
+    )
     if r.rope_type == "default":
-        return (1.0 / (r.theta**exponents)).astype(np.float32), 1.0
+        return base, 1.0
+    if r.rope_type == "llama3":
+        return _llama3_inv_freq(base, r), 1.0
     # yarn: port of transformers' _compute_yarn_parameters (float32 like torch).
     factor = r.factor
 
@@ -276,6 +326,27 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     extra_factor = (1 - ramp).astype(np.float32)
     inv_freq = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
     return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, r: RopeConfig) -> np.ndarray:
+    """Port of transformers' ``_compute_llama3_parameters`` (float32 like torch): wavelengths
+    longer than ``orig / low_freq_factor`` are divided by ``factor``, shorter than
+    ``orig / high_freq_factor`` kept, and the band between interpolated smoothly."""
+    f32 = np.float32
+    orig = r.original_max_position_embeddings
+    low_wavelen = orig / r.low_freq_factor
+    high_wavelen = orig / r.high_freq_factor
+    # torch evaluates ``scalar / tensor`` as ``reciprocal(tensor) * scalar``; same here, so the
+    # band edges fall on the same side of the thresholds.
+    wavelen = (np.reciprocal(inv_freq) * f32(2 * math.pi)).astype(f32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / f32(r.factor), inv_freq).astype(f32)
+    smooth = (
+        (np.reciprocal(wavelen) * f32(orig) - f32(r.low_freq_factor))
+        / f32(r.high_freq_factor - r.low_freq_factor)
+    ).astype(f32)
+    smoothed = ((1 - smooth) * scaled / f32(r.factor) + smooth * scaled).astype(f32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(f32)
 
 
 # -------------------------------------------------------------------- runtime options

@@ -1,4 +1,4 @@
-"""Pure building blocks of the Qwen3 decoder: RMSNorm, rotary embeddings, SwiGLU MLP, projections.
+"""Pure building blocks of the Qwen3 / Llama decoder: RMSNorm, rotary embeddings, SwiGLU MLP, projections.
 
 Numerics follow transformers' Qwen3 so that bf16 runs agree closely and fp32 runs agree to
 rounding: norms in float32 then cast back before the weight multiply, RoPE tables computed in
@@ -44,11 +44,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [B, T, E]; w_gate/w_up: [E, F]; w_down: [F, E] -> [B, T, E]."""
+def swiglu_mlp(
+    x: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    biases: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """x: [B, T, E]; w_gate/w_up: [E, F]; w_down: [F, E] -> [B, T, E].
+    biases: optional (gate [F], up [F], down [E]) (Llama ``mlp_bias``)."""
     gate = jnp.einsum("bte,ef->btf", x, w_gate)
     up = jnp.einsum("bte,ef->btf", x, w_up)
-    return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down)
+    if biases is not None:
+        gate, up = gate + biases[0], up + biases[1]
+    out = jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down)
+    return out if biases is None else out + biases[2]
 
 
 def residual_in_chunks(fn, h: jax.Array, chunk: int | None) -> jax.Array:

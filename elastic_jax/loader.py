@@ -52,7 +52,7 @@ def load_model(
 ) -> Model:
     """Load a checkpoint converted by ``python -m convert``.
 
-    attention_mode: "elastic" (router decides per head; plain Qwen3 runs dense), or force every
+    attention_mode: "elastic" (router decides per head; plain Qwen3 / Llama runs dense), or force every
       head "dense", "streaming" or "xattn". Other options: see ``RuntimeConfig``.
     mesh: a ``elastic_jax.sharding.make_mesh`` mesh: params are restored straight into their
       tensor-parallel shardings and ``generate`` runs sharded (``sharding`` must then be None).
@@ -71,7 +71,7 @@ def load_model(
     cfg = checkpoint.load_config(path)
     if rt.attention_mode in ("streaming", "xattn") and not cfg.is_elastic:
         raise ValueError(
-            f"attention_mode={attention_mode!r} needs a PawQwen3 checkpoint (its sink/window/"
+            f"attention_mode={attention_mode!r} needs a PawQwen3 / PawLlama checkpoint (its sink/window/"
             f"XAttention settings); {path} is {cfg.architecture}"
         )
     if mesh is not None:

@@ -1,4 +1,7 @@
-"""Qwen3 / PawQwen3 forward passes as pure functions over (params, cache, tokens).
+"""Qwen3 / PawQwen3 / Llama / PawLlama forward passes as pure functions over (params, cache,
+tokens). The families share this one code path; their differences are config flags
+(``ModelConfig.qk_norm``, ``attention_bias``, ``mlp_bias``) checked in ``project_qkv``,
+``_attn_out`` and ``_mlp_block``.
 
 Prefill is layer-major: each layer processes the whole (bucketed) prompt before the next layer
 starts. That keeps the PawQwen3 router exact for long prompts, since it pools the first and last
@@ -31,12 +34,20 @@ def _rope_tables(positions: jax.Array, cfg: ModelConfig):
 
 
 def project_qkv(x: jax.Array, lp: LayerParams, cfg: ModelConfig):
-    """x: [B, T, E] (normed) -> q [B, T, H, D] after q_norm, k [B, T, K, D] after k_norm (pre-RoPE),
-    v [B, T, K, D]."""
+    """x: [B, T, E] (normed) -> q [B, T, H, D], k [B, T, K, D] (pre-RoPE), v [B, T, K, D].
+
+    Per-family steps: projection biases (``cfg.attention_bias``, Llama option) and the per-head
+    q/k RMSNorm (``cfg.qk_norm``, Qwen3). The returned k is what the elastic router pools: after
+    k_norm (Qwen3) or straight from k_proj (Llama), before RoPE in both cases.
+    """
     q = jnp.einsum("bte,ehd->bthd", x, lp.wq)
     k = jnp.einsum("bte,ekd->btkd", x, lp.wk)
     v = jnp.einsum("bte,ekd->btkd", x, lp.wv)
-    return rms_norm(q, lp.q_norm, cfg.rms_norm_eps), rms_norm(k, lp.k_norm, cfg.rms_norm_eps), v
+    if cfg.attention_bias:
+        q, k, v = q + lp.q_bias, k + lp.k_bias, v + lp.v_bias
+    if cfg.qk_norm:
+        q, k = rms_norm(q, lp.q_norm, cfg.rms_norm_eps), rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
+    return q, k, v
 
 
 def out_proj(o: jax.Array, wo: jax.Array) -> jax.Array:
@@ -50,8 +61,18 @@ def out_proj(o: jax.Array, wo: jax.Array) -> jax.Array:
     return jnp.einsum("...k,ke->...e", o.reshape(*o.shape[:-2], H * D), wo.reshape(H * D, E))
 
 
+def _attn_out(o: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
+    """o_proj of the attention output (plus its bias with ``cfg.attention_bias``)."""
+    y = out_proj(o, lp.wo)
+    return y + lp.o_bias if cfg.attention_bias else y
+
+
 def _mlp_block(h: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
     x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
+    if cfg.mlp_bias:
+        return h + swiglu_mlp(
+            x, lp.w_gate, lp.w_up, lp.w_down, biases=(lp.gate_bias, lp.up_bias, lp.down_bias)
+        )
     return h + swiglu_mlp(x, lp.w_gate, lp.w_up, lp.w_down)
 
 
@@ -67,7 +88,7 @@ def head_modes_for(
         if not cfg.is_elastic:
             raise ValueError(
                 f"attention_mode={rt.attention_mode!r} needs the elastic settings (sink, window, "
-                "XAttention) of a PawQwen3 config; this model is plain Qwen3"
+                f"XAttention) of a PawQwen3 / PawLlama config; this model is {cfg.architecture}"
             )
         return jnp.full((B, H), forced[rt.attention_mode], jnp.int32), None
     modes, z_kv, _ = route(k_pre, lengths, lp.router, cfg.elastic, H)
@@ -103,7 +124,7 @@ def layer_prefill(
     with jax.named_scope("attention"):
         o, stats = attn.prefill_attention(q, k, v, lengths, modes, cfg, rt)
     with jax.named_scope("attn_post"):
-        h = h + out_proj(o, lp.wo)
+        h = h + _attn_out(o, lp, cfg)
     with jax.named_scope("mlp"):
         # Chunked: the MLP hidden ([B, T, F], F = 3E for the 8B shape) is the one intermediate
         # that grows past the activations themselves at 128K tokens.
@@ -237,7 +258,7 @@ def decode(
                 cache.lengths,
                 rt,
             )
-            h = h + out_proj(o, lp.wo)[:, None]
+            h = h + _attn_out(o, lp, cfg)[:, None]
             h = sharding.constrain(_mlp_block(h, lp, cfg), sharding.HIDDEN)
         ks.append(k)
         vs.append(v)

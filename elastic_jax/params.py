@@ -23,22 +23,33 @@ from elastic_jax.router import RouterParams
 class LayerParams:
     """One decoder layer (or all layers stacked: every shape gains a leading L).
 
-    attn_norm, mlp_norm: [E]; wq: [E, H, D]; wk, wv: [E, K, D]; q_norm, k_norm: [D];
-    wo: [H, D, E]; w_gate, w_up: [E, F]; w_down: [F, E];
-    router: the PawQwen3 router of the layer (``elastic_jax.router.RouterParams``) or None.
+    attn_norm, mlp_norm: [E]; wq: [E, H, D]; wk, wv: [E, K, D]; wo: [H, D, E];
+    w_gate, w_up: [E, F]; w_down: [F, E].
+    Per-family optional leaves (None when the config does not use them):
+    q_norm, k_norm: [D] (``cfg.qk_norm``, Qwen3); q_bias: [H, D], k_bias, v_bias: [K, D],
+    o_bias: [E] (``cfg.attention_bias``); gate_bias, up_bias: [F], down_bias: [E]
+    (``cfg.mlp_bias``); router: the elastic router of the layer
+    (``elastic_jax.router.RouterParams``, PawQwen3 / PawLlama).
     """
 
     attn_norm: jax.Array
     wq: jax.Array
     wk: jax.Array
     wv: jax.Array
-    q_norm: jax.Array
-    k_norm: jax.Array
     wo: jax.Array
     mlp_norm: jax.Array
     w_gate: jax.Array
     w_up: jax.Array
     w_down: jax.Array
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
+    q_bias: jax.Array | None = None
+    k_bias: jax.Array | None = None
+    v_bias: jax.Array | None = None
+    o_bias: jax.Array | None = None
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
     router: Any = None
 
 
@@ -55,7 +66,7 @@ class Params:
 
 
 def router_abstract(cfg: ModelConfig, dtype) -> Any:
-    """Stacked router weights of a PawQwen3 model (None for plain Qwen3)."""
+    """Stacked router weights of an elastic model (None for plain Qwen3 / Llama)."""
     if not cfg.is_elastic:
         return None
     L, d = cfg.num_layers, cfg.head_dim
@@ -72,18 +83,29 @@ def abstract(cfg: ModelConfig) -> Params:
     def s(*shape):
         return jax.ShapeDtypeStruct(shape, dt)
 
+    def opt(flag: bool, *shape):
+        return s(*shape) if flag else None
+
+    ab, mb = cfg.attention_bias, cfg.mlp_bias
     layers = LayerParams(
         attn_norm=s(L, E),
         wq=s(L, E, H, D),
         wk=s(L, E, K, D),
         wv=s(L, E, K, D),
-        q_norm=s(L, D),
-        k_norm=s(L, D),
         wo=s(L, H, D, E),
         mlp_norm=s(L, E),
         w_gate=s(L, E, F),
         w_up=s(L, E, F),
         w_down=s(L, F, E),
+        q_norm=opt(cfg.qk_norm, L, D),
+        k_norm=opt(cfg.qk_norm, L, D),
+        q_bias=opt(ab, L, H, D),
+        k_bias=opt(ab, L, K, D),
+        v_bias=opt(ab, L, K, D),
+        o_bias=opt(ab, L, E),
+        gate_bias=opt(mb, L, F),
+        up_bias=opt(mb, L, F),
+        down_bias=opt(mb, L, E),
         router=router_abstract(cfg, dt),
     )
     return Params(

@@ -85,6 +85,14 @@ PARAM_AXES: Mapping[str, tuple[str, ...]] = {
     "w_gate": ("layers", "embed", "mlp"),
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
+    # Llama-family biases (present only with attention_bias / mlp_bias).
+    "q_bias": ("layers", "heads", "head_dim"),
+    "k_bias": ("layers", "kv_heads", "head_dim"),
+    "v_bias": ("layers", "kv_heads", "head_dim"),
+    "o_bias": ("layers", "embed"),
+    "gate_bias": ("layers", "mlp"),
+    "up_bias": ("layers", "mlp"),
+    "down_bias": ("layers", "embed"),
 }
 CACHE_AXES = kv_cache_lib.KVCache(
     k=("layers", "kv_heads", "pages", "page_slot", "head_dim"),

@@ -18,18 +18,20 @@ def _key(kwargs: dict) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """Factory: ``tiny_checkpoints(dtype="float32", **qwen3_overrides) -> (hf_dir, converted_dir)``.
-    Each distinct argument set is built and converted once per session."""
+    """Factory: ``tiny_checkpoints(dtype="float32", family="qwen3", **config_overrides) ->
+    (hf_dir, converted_dir)`` (family "llama": a tiny Llama-3.x). Each distinct argument set is
+    built and converted once per session."""
     from convert.hf_to_jax import convert
-    from elastic_jax.testing.tiny import make_tiny_qwen3
+    from elastic_jax.testing.tiny import make_tiny_llama, make_tiny_qwen3
 
     built: dict[str, tuple] = {}
 
-    def make(dtype: str = "float32", seed: int = 0, **overrides):
-        key = _key({"dtype": dtype, "seed": seed, **overrides})
+    def make(dtype: str = "float32", seed: int = 0, family: str = "qwen3", **overrides):
+        key = _key({"dtype": dtype, "seed": seed, "family": family, **overrides})
         if key not in built:
             root = tmp_path_factory.mktemp("tiny")
-            hf_dir = make_tiny_qwen3(root / "hf", seed=seed, dtype=dtype, **overrides)
+            maker = make_tiny_llama if family == "llama" else make_tiny_qwen3
+            hf_dir = maker(root / "hf", seed=seed, dtype=dtype, **overrides)
             conv = convert(
                 hf_dir,
                 root / "converted",

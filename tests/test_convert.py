@@ -87,8 +87,8 @@ def test_missing_tensor(tiny_qwen3, tmp_path):
 def test_unknown_architecture_and_missing_field(tiny_qwen3, tmp_path):
     hf = _copy(tiny_qwen3[0], tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(ValueError, match="unknown architecture 'LlamaForCausalLM'"):
+    (hf / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match="unknown architecture 'MistralForCausalLM'"):
         convert(hf, tmp_path / "out", progress=False)
     del cfg["num_hidden_layers"]
     (hf / "config.json").write_text(json.dumps(cfg))
@@ -141,7 +141,7 @@ def test_load_model_errors(tiny_qwen3, tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="not a converted elastic-jax checkpoint"):
         load_model(tiny_qwen3[0])  # an HF dir, not converted
-    with pytest.raises(ValueError, match="needs a PawQwen3 checkpoint"):
+    with pytest.raises(ValueError, match="needs a PawQwen3 / PawLlama checkpoint"):
         load_model(tiny_qwen3[1], attention_mode="streaming")
     with pytest.raises(ValueError, match="attention_mode='sparse'; allowed"):
         load_model(tiny_qwen3[1], attention_mode="sparse")

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="prompt budget in tokens before the chat template (middle truncation); default: "
-        "the model's max_position_embeddings - 1024",
+        "the model's max_position_embeddings - 1024 (Llama-3.1: at most 120000, LongBench's "
+        "model2maxlen)",
     )
     run.add_argument(
         "--attention-mode",

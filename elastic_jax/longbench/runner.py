@@ -96,14 +96,17 @@ def _check_args(modes: Sequence[str], batch_size: int, limit: int | None, max_le
 
 def default_max_length(model: Model) -> int:
     """Prompt budget when none is given: the model's context window minus 1024 tokens of room
-    for the chat template and the longest generation (512), like LongBench's model2maxlen."""
+    for the chat template and the longest generation (512), like LongBench's model2maxlen, and
+    at most LongBench's own value for the family (Llama-3.1: 120000; ``model_rules``)."""
     window = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(window, int) or window <= 2048:
         raise ValueError(
             "max_length not given and the model config has no usable max_position_embeddings "
             f"({window!r}); pass max_length explicitly"
         )
-    return window - 1024
+    from .model_rules import official_max_length
+
+    return official_max_length(model.config, window)
 
 
 @dataclasses.dataclass(frozen=True)

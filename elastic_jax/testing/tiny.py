@@ -1,8 +1,9 @@
-"""Tiny random HF-format Qwen3 checkpoints, built on CPU with transformers (no download).
+"""Tiny random HF-format Qwen3 and Llama-3.x checkpoints, built on CPU with transformers (no
+download).
 
 These are real Hugging Face checkpoints (``config.json``, ``model.safetensors``, tokenizer files), so
-the converter and the parity tests exercise exactly the code path a real Qwen3 checkpoint takes.
-Building them needs the ``dev`` extra (torch + transformers).
+the converter and the parity tests exercise exactly the code path a real Qwen3 / Llama checkpoint
+takes. Building them needs the ``dev`` extra (torch + transformers).
 """
 
 from __future__ import annotations
@@ -28,6 +29,37 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Llama-3.x special tokens and a chat template with the Llama-3.1-Instruct layout for plain
+# (tool-free) conversations: BOS, a system turn carrying the knowledge-cutoff and date lines, then
+# header-delimited turns closed by <|eot_id|>.
+LLAMA_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+)
+LLAMA31_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\n' }}"
+    "{{- 'Today Date: ' + date_string + '\n\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{%- endif %}"
+)
+
 TINY_QWEN3: dict[str, Any] = dict(
     vocab_size=512,
     hidden_size=64,
@@ -41,6 +73,30 @@ TINY_QWEN3: dict[str, Any] = dict(
     rope_theta=1_000_000.0,
     tie_word_embeddings=True,
 )
+
+# Llama-3.1-8B in miniature: untied, GQA, theta 5e5. No head_dim key (derived, as in Llama-3.1's
+# config.json); llama3 rope scaling is added per test (``TINY_LLAMA3_SCALING``).
+TINY_LLAMA: dict[str, Any] = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=500_000.0,
+    tie_word_embeddings=False,
+)
+# Scaled down so a 200-token prompt spans all three llama3 bands at head_dim 16 (wavelengths 6,
+# 32, 166, ... against 64 / low_freq_factor and 64 / high_freq_factor).
+TINY_LLAMA3_SCALING: dict[str, Any] = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 _SYLLABLES = (
     "ka",
@@ -82,21 +138,26 @@ def _corpus(num_words: int = 4000, seed: int = 0) -> list[str]:
     return [" ".join(words[i : i + 12]) + "." for i in range(0, num_words, 12)]
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` of exactly ``vocab_size`` tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int, family: str = "qwen3"):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` of exactly ``vocab_size`` tokens with the
+    family's special tokens and chat template ("qwen3": ChatML; "llama": Llama-3.1 headers, BOS
+    prepended by the post-processor as in Llama-3's tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 300:
         raise ValueError(
             f"vocab_size={vocab_size} too small for a byte-level tokenizer (need >= 300)"
         )
+    if family not in ("qwen3", "llama"):
+        raise ValueError(f"family={family!r}; allowed: 'qwen3', 'llama'")
+    specials = SPECIAL_TOKENS if family == "qwen3" else LLAMA_SPECIAL_TOKENS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -105,14 +166,24 @@ def build_tokenizer(vocab_size: int):
     missing = vocab_size - tok.get_vocab_size()
     if missing > 0:
         tok.add_tokens([f"<|extra_{i}|>" for i in range(missing)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
+    if family == "qwen3":
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            bos_token=None,
+            unk_token=None,
+        )
+        fast.chat_template = CHAT_TEMPLATE
+        return fast
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", unk_token=None
+    )
+    fast.chat_template = LLAMA31_CHAT_TEMPLATE
     return fast
 
 
@@ -146,36 +217,88 @@ def make_tiny_qwen3(
     Returns:
       The checkpoint directory.
     """
+    return _make_tiny(
+        "qwen3", out_dir, seed, dtype, legacy_rope_format, max_shard_size, config_overrides
+    )
+
+
+def make_tiny_llama(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    legacy_rope_format: bool = True,
+    max_shard_size: str | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Write a tiny random LlamaForCausalLM checkpoint (Llama-3.1 layout: untied, GQA, eos ids
+    [<|end_of_text|>, <|eom_id|>, <|eot_id|>], Llama-3.1 chat template) to ``out_dir``.
+
+    Same arguments as ``make_tiny_qwen3``; ``config_overrides`` are LlamaConfig fields, e.g.
+    ``rope_scaling=TINY_LLAMA3_SCALING``, ``tie_word_embeddings=True``, ``attention_bias=True``,
+    ``mlp_bias=True``, ``head_dim=32``.
+    """
+    return _make_tiny(
+        "llama", out_dir, seed, dtype, legacy_rope_format, max_shard_size, config_overrides
+    )
+
+
+def _make_tiny(
+    family: str,
+    out_dir: str | Path,
+    seed: int,
+    dtype: str,
+    legacy_rope_format: bool,
+    max_shard_size: str | None,
+    config_overrides: dict[str, Any],
+) -> Path:
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if family == "qwen3":
+        from transformers import Qwen3Config as Config
+        from transformers import Qwen3ForCausalLM as ForCausalLM
+
+        defaults = TINY_QWEN3
+    else:
+        from transformers import LlamaConfig as Config
+        from transformers import LlamaForCausalLM as ForCausalLM
+
+        defaults = TINY_LLAMA
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = hf_config_dict(**config_overrides)
+    cfg_dict = {**defaults, **config_overrides}
     rope_scaling = cfg_dict.pop("rope_scaling", None)
     rope_theta = cfg_dict.pop("rope_theta")
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling is not None:
         rope_parameters = {**rope_scaling, "rope_theta": rope_theta}
         rope_parameters.setdefault("rope_type", rope_parameters.pop("type", "default"))
-    config = Qwen3Config(
+    config = Config(
         **cfg_dict,
         rope_parameters=rope_parameters,
         eos_token_id=None,
         pad_token_id=None,
         bos_token_id=None,
     )
-    tokenizer = build_tokenizer(config.vocab_size)
-    config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer = build_tokenizer(config.vocab_size, family)
+    ids = tokenizer.convert_tokens_to_ids
+    if family == "qwen3":
+        config.eos_token_id = ids("<|im_end|>")
+        config.pad_token_id = ids("<|endoftext|>")
+    else:
+        config.bos_token_id = ids("<|begin_of_text|>")
+        config.eos_token_id = [ids("<|end_of_text|>"), ids("<|eom_id|>"), ids("<|eot_id|>")]
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
+    model = ForCausalLM(config).eval()
     # Default init is N(0, 0.02): tiny logits. Scale up so greedy decoding is decisive and
     # parity tests compare meaningful numbers.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
             else:
                 p.normal_(0.0, 0.2 if "embed" in name else 1.0 / (p.shape[-1] ** 0.5))
     model = model.to(getattr(torch, dtype))

@@ -1,10 +1,13 @@
-"""Tiny random PawQwen3 HF checkpoints: a tiny Qwen3 checkpoint plus official router tensors.
+"""Tiny random PawQwen3 / PawLlama HF checkpoints: a tiny Qwen3 or Llama checkpoint plus the
+official router tensors.
 
 ``make_tiny_pawqwen3`` builds the backbone with ``elastic_jax.testing.tiny.make_tiny_qwen3`` and then
 adds, for every layer, the router ("mask allocator") tensors under their official names and
 shapes (spec 1.3), optionally the training-only tensors a trained checkpoint carries, and the
-elastic fields in config.json with ``architectures: ["PawQwen3ForCausalLM"]``. Needs torch and
-transformers (the ``dev`` extra).
+elastic fields in config.json with ``architectures: ["PawQwen3ForCausalLM"]``.
+``make_tiny_pawllama`` does the same on a tiny Llama backbone (``PawLlamaForCausalLM``, the
+layout assumed in docs/spec_notes.md: same router names and shapes, router over k_proj output
+before RoPE). Needs torch and transformers (the ``dev`` extra).
 
 Mixed decisions. With plain random weights a router tends to pick one class for every head: the
 pooled keys of random tokens are small and alike, so the output is dominated by the biases. With
@@ -24,7 +27,13 @@ from typing import Any
 
 from elastic_jax.elastic_config import POOL_TOKENS
 from elastic_jax.router import router_tensor_names
-from elastic_jax.testing.tiny import make_tiny_qwen3
+from elastic_jax.testing.tiny import make_tiny_llama, make_tiny_qwen3
+
+# backbone family -> (backbone builder, elastic architecture name, config.json model_type)
+_FAMILIES = {
+    "qwen3": (make_tiny_qwen3, "PawQwen3ForCausalLM", "qwen3"),
+    "llama": (make_tiny_llama, "PawLlamaForCausalLM", "llama"),
+}
 
 # Elastic config.json fields of the tiny checkpoints: every field the official PawQwen3Config
 # writes (training-only ones included, so loaders see what a real checkpoint has), with a short
@@ -73,9 +82,11 @@ def make_tiny_pawqwen3(
     elastic: dict[str, Any] | None = None,
     training_only_tensors: bool = True,
     mixed_router: bool = True,
+    family: str = "qwen3",
     **qwen3_overrides: Any,
 ) -> Path:
-    """Write a tiny random PawQwen3ForCausalLM checkpoint to ``out_dir``.
+    """Write a tiny random PawQwen3ForCausalLM (or, with ``family="llama"``,
+    PawLlamaForCausalLM) checkpoint to ``out_dir``.
 
     Args:
       out_dir: directory to create (must not exist or be empty).
@@ -86,14 +97,19 @@ def make_tiny_pawqwen3(
       training_only_tensors: also write ``mask_allocator.log_temp`` (scalar),
         ``self_attn.attn_mask_log_alphas`` [K] and ``mask_allocator.task_embedding.weight`` [4, D].
       mixed_router: calibrate the router so that both classes occur (module docstring).
-      **qwen3_overrides: passed to ``make_tiny_qwen3`` (``dtype``, ``max_shard_size``,
-        ``num_key_value_heads``, ``num_hidden_layers``, ``head_dim``, ...).
+      family: backbone, "qwen3" or "llama" (``make_tiny_pawllama``).
+      **qwen3_overrides: passed to the backbone builder, ``make_tiny_qwen3`` or
+        ``make_tiny_llama`` (``dtype``, ``max_shard_size``, ``num_key_value_heads``,
+        ``num_hidden_layers``, ``head_dim``, ``rope_scaling``, ...).
     Returns:
       The checkpoint directory.
     """
     import torch
 
-    out = make_tiny_qwen3(out_dir, seed=seed, **qwen3_overrides)
+    if family not in _FAMILIES:
+        raise ValueError(f"family={family!r}; allowed: {sorted(_FAMILIES)}")
+    make_backbone, architecture, model_type = _FAMILIES[family]
+    out = make_backbone(out_dir, seed=seed, **qwen3_overrides)
     router_seed = seed + 1 if router_seed is None else router_seed
     cfg_path = out / "config.json"
     hf = json.loads(cfg_path.read_text())
@@ -130,13 +146,19 @@ def make_tiny_pawqwen3(
             )
     _add_tensors(out, new)
 
-    hf["architectures"] = ["PawQwen3ForCausalLM"]
-    hf["model_type"] = "qwen3"  # PawQwen3Config subclasses Qwen3Config without its own model_type
+    hf["architectures"] = [architecture]
+    # PawQwen3Config subclasses Qwen3Config without its own model_type (assumed alike for Llama).
+    hf["model_type"] = model_type
     for key in DEFAULT_TINY_ELASTIC:
         hf.pop(key, None)
     hf.update(fields)
     cfg_path.write_text(json.dumps(hf, indent=2))
     return out
+
+
+def make_tiny_pawllama(out_dir: str | Path, **kwargs: Any) -> Path:
+    """``make_tiny_pawqwen3(out_dir, family="llama", **kwargs)``: a tiny PawLlamaForCausalLM."""
+    return make_tiny_pawqwen3(out_dir, family="llama", **kwargs)
 
 
 def read_checkpoint_tensors(ckpt_dir: str | Path) -> dict:
@@ -198,17 +220,24 @@ def _add_tensors(ckpt: Path, new: dict) -> None:
 
 def _calibration_pooled_keys(ckpt: Path, gen) -> list:
     """Per layer: ctx_q-pooled pre-RoPE keys [N, D] (fp32) of random prompts run through the
-    backbone with transformers (hooks on every layer's k_norm, whose output is [B, T, K, D])."""
+    backbone with transformers (hooks on every layer's k_norm (Qwen3) or k_proj (Llama): the
+    keys the router pools, reshaped to [B, T, K, D])."""
     import torch
-    from transformers import Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = Qwen3ForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     layers = model.model.layers
+    head_dim = model.config.head_dim
     captured: list[list] = [[] for _ in layers]
+
+    def hook(idx):
+        def fn(_m, _i, out):
+            captured[idx].append(out.detach().reshape(*out.shape[:2], -1, head_dim))
+
+        return fn
+
     hooks = [
-        layer.self_attn.k_norm.register_forward_hook(
-            lambda _m, _i, out, idx=i: captured[idx].append(out.detach())
-        )
+        getattr(layer.self_attn, "k_norm", layer.self_attn.k_proj).register_forward_hook(hook(i))
         for i, layer in enumerate(layers)
     ]
     try:
