@@ -16,7 +16,9 @@ time. Its peak is
 - estimate phase (elastic with XAttention heads): h, q, k, v + one estimate pass's scratch
   (``pallas_kernels.xattn.api.scratch_bytes``, T^2) + the kept-block lists of all heads;
 - attention phase: h, q, k, v, the attention output o, the kept-block lists, and (elastic path)
-  the copy of v with keys past the length zeroed (Mosaic kernel).
+  the copy of v with keys past the length zeroed (Mosaic kernel);
+- synthetic phase (benchmark knob ``synthetic_kept_fraction`` only): h, q, k, v, the estimate's
+  lists and the random lists that replace them ([B, H, nQb, nKb] uniforms, mask, argsort).
 
 Decode: weights + cache + one step's small buffers (logits, every layer's new K/V).
 """
@@ -128,10 +130,12 @@ def prefill_terms(
             if rt.synthetic_kept_fraction is not None:
                 # Benchmark knob: f32 uniforms + bool mask + argsort (int32 iota and sorted
                 # keys) + the new lists, all [B, H, nQb, nKb].
-                blocks = B * H * -((-T // e.block_size) ** 2)
-                synthetic = blocks * (4 + 1 + 4 + 1 + 4)
+                n_blocks = -(-T // e.block_size)
+                synthetic = B * H * n_blocks * n_blocks * (4 + 1 + 4 + 1 + 4)
     per_layer = {
-        "estimate phase": h + q + kv + lists + est + synthetic,
+        "estimate phase": h + q + kv + lists + est,
+        # Benchmark knob only: after the estimate, next to its lists.
+        "synthetic phase": h + q + kv + lists + synthetic,
         "attention phase": h + q + kv + o + lists + zero_v,
     }
     phase = max(per_layer, key=per_layer.get)
@@ -146,7 +150,7 @@ def prefill_terms(
         "block_lists": lists,
         "v_zeroed": zero_v if phase == "attention phase" else 0,
         "estimate_pass": est if phase == "estimate phase" else 0,
-        "synthetic_lists": synthetic if phase == "estimate phase" else 0,
+        "synthetic_lists": synthetic if phase == "synthetic phase" else 0,
         "mlp_chunk": 3 * B * chunk * F * a,  # gate, up, silu(gate) * up: [B, chunk, F]
         "logits": B * cfg.vocab_size * 4 + B * E * a,
     }
