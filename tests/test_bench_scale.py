@@ -34,6 +34,16 @@ def test_scale_benchmark_in_process(tmp_path):
     )
     assert [r["tokens"] for r in decode] == [256, 512] and all(r["ms"] > 0 for r in decode)
     assert set(res["predicted"]) == {"256", "512"}
+    # The file the benchmark wrote is what the plot helper reads.
+    pytest.importorskip("matplotlib")
+    from elastic_jax import viz_scale
+
+    fig = viz_scale.plot_scale(out)
+    assert [line.get_label() for line in fig.axes[0].get_lines()][:3] == [
+        "dense",
+        "full+xattn",
+        "syn0.30",
+    ]
 
 
 def test_scale_benchmark_child_per_length_and_time_guard(tmp_path):
