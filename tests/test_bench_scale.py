@@ -10,17 +10,18 @@ import pytest
 from benchmarks import bench_scale
 
 
+@pytest.mark.slow
 def test_scale_benchmark_in_process(tmp_path):
     out = tmp_path / "scale.json"
     res = bench_scale.main(
-        ["--shape", "tiny", "--lengths", "512,256", "--modes", "dense,full+xattn,syn0.30",
+        ["--shape", "tiny", "--lengths", "256", "--modes", "dense,full+xattn,syn0.30",
          "--reps", "1", "--decode-steps", "2", "--in-process", "--out", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["meta"]["shape"] == "tiny" and res["meta"]["dtype"] == "bfloat16"
     pre = [r for r in res["rows"] if r["what"] == "prefill"]
     assert [(r["tokens"], r["mode"]) for r in pre] == [
-        (t, m) for t in (256, 512) for m in ("dense", "full+xattn", "syn0.30")
+        (256, m) for m in ("dense", "full+xattn", "syn0.30")
     ]
     assert all(r["s"] > 0 and r["pred_gib"] > 0 for r in pre)
     assert all(r["pred_running_gib"] >= r["pred_gib"] - 1e-12 for r in pre)
@@ -29,11 +30,9 @@ def test_scale_benchmark_in_process(tmp_path):
     assert all(r["kept_fraction"] == 1.0 for r in pre if r["mode"] == "dense")
     router = [r for r in res["rows"] if r["what"] == "router"]
     decode = [r for r in res["rows"] if r["what"] == "decode"]
-    assert [r["tokens"] for r in router] == [256, 512] and all(
-        r["ms_per_layer"] > 0 for r in router
-    )
-    assert [r["tokens"] for r in decode] == [256, 512] and all(r["ms"] > 0 for r in decode)
-    assert set(res["predicted"]) == {"256", "512"}
+    assert [r["tokens"] for r in router] == [256] and router[0]["ms_per_layer"] > 0
+    assert [r["tokens"] for r in decode] == [256] and decode[0]["ms"] > 0
+    assert set(res["predicted"]) == {"256"}
     # The file the benchmark wrote is what the plot helper reads.
     pytest.importorskip("matplotlib")
     from elastic_jax import viz_scale
