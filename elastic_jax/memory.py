@@ -154,6 +154,10 @@ def prefill_terms(
         "mlp_chunk": 3 * B * chunk * F * a,  # gate, up, silu(gate) * up: [B, chunk, F]
         "logits": B * cfg.vocab_size * 4 + B * E * a,
     }
+    if rt.collect_masks and elastic:
+        # Every layer's bool block mask [B, H, nQb, nKb], stacked over layers by the scan.
+        n_blocks = -(-T // cfg.elastic.block_size)
+        terms["collected_masks"] = cfg.num_layers * B * H * n_blocks * n_blocks
     return MemoryEstimate("prefill", terms, notes)
 
 

@@ -62,6 +62,9 @@ def test_long_prompts_estimate_in_passes_and_grow_as_expected():
     one_pass = sum(v for n, v in scratch_bytes(1, 2**19, 2**19, 4).items() if n != "select_lists")
     assert one_pass < 2.5 * GIB < 16 * GIB < scratch_bytes(1, 2**19, 2**19, 32)["score_w"] + 1
     assert e512.notes["peak_phase"] == "attention phase"
+    # Inspection masks of every layer (collect_masks) are T^2 too: 4.5 GiB at 256K.
+    masks = memory.prefill_terms(el, RuntimeConfig(collect_masks=True), 2**18, 1, 2**18)
+    assert masks.terms["collected_masks"] == 36 * 32 * 2048 * 2048
     # 256K fits an 80 GB H100 at XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; 512K does not.
     h100 = int(0.95 * 79.1 * GIB)
     memory.check_fits(el, rt, 2**18, 1, 2**18 + 256, device_bytes=h100)
