@@ -26,6 +26,34 @@ def _kernel_impls(impl: str) -> tuple[str, str]:
     return ("auto", "auto") if on_gpu() else ("pallas_triton", "pallas_triton")
 
 
+# Scratch budget of one XAttention estimate pass (its buffers grow as T^2, see
+# ``pallas_kernels.xattn.api.scratch_bytes``). Up to 128K tokens at batch 1 the 8B shape's
+# estimate (1.2 GiB) runs in one pass as before; longer prompts run over KV-head groups.
+ESTIMATE_PASS_BYTES = 2 << 30
+
+
+def estimate_kv_heads_per_pass(
+    batch: int, q_len: int, k_len: int, heads: int, kv_heads: int, stride: int, block: int
+) -> int | None:
+    """KV heads per XAttention estimate pass: None (one pass) when the whole estimate's scratch
+    fits ``ESTIMATE_PASS_BYTES``, else the largest divisor of ``kv_heads`` whose pass fits (at
+    least 1). Results do not depend on it (heads are independent)."""
+    from pallas_kernels.xattn.api import scratch_bytes
+
+    def pass_bytes(kv: int) -> int:
+        s = scratch_bytes(
+            batch, q_len, k_len, kv * heads // kv_heads, stride=stride, block_size=block
+        )
+        return s["score_w"] + s["score_m_l"] + s["block_sums"] + s["select_mask"]
+
+    if pass_bytes(kv_heads) <= ESTIMATE_PASS_BYTES:
+        return None
+    fitting = [
+        d for d in range(1, kv_heads) if kv_heads % d == 0 and pass_bytes(d) <= ESTIMATE_PASS_BYTES
+    ]
+    return max(fitting, default=1)
+
+
 def needs_estimate(cfg: ModelConfig, rt: RuntimeConfig) -> bool:
     """Static: can any head be in XAttention mode under this config / forced mode?"""
     if rt.attention_mode == "xattn":
@@ -120,6 +148,15 @@ def elastic_prefill_attention(
             head_mask=head_modes == MODE_XATTN,
             implementation=xattn_impl,
             sink_rule=rt.xattn_sink_rule,
+            kv_heads_per_pass=estimate_kv_heads_per_pass(
+                q.shape[0],
+                q.shape[1],
+                k.shape[1],
+                q.shape[2],
+                k.shape[2],
+                e.xattn_stride,
+                e.block_size,
+            ),
         )
         counts, indices = sel.block_counts, sel.block_indices
         if rt.synthetic_kept_fraction is not None:

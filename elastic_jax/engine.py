@@ -4,7 +4,8 @@ Buckets (every distinct shape compiles once per process):
   - prompt length T: next power of two >= the longest prompt, at least 128; above
     ``prefill_chunk`` tokens, the next multiple of ``prefill_chunk`` (e.g. 8K steps up to 128K);
   - batch: next power of two >= the number of prompts (padding rows are 1-token dummies);
-  - cache capacity per sequence: next power of two >= prompt bucket + max_new_tokens, in pages.
+  - cache capacity per sequence: ``capacity_bucket`` of the longest prompt + max_new_tokens
+    (next power of two, or above 8K tokens a sixteenth-of-a-power-of-two step).
 Decode compiles once per (batch bucket, capacity bucket); the host loop never recompiles.
 """
 
@@ -38,8 +39,18 @@ def batch_bucket(n: int) -> int:
     return next_pow2(n)
 
 
+CAPACITY_STEP_MIN = 8192
+
+
 def capacity_bucket(n: int, page_size: int) -> int:
-    return max(page_size, next_pow2(n))
+    """Cache tokens per sequence for ``n`` tokens: the next power of two p >= n, or, where
+    smaller, the next multiple of max(p / 16, 8192, page_size) tokens. At most 16 buckets per
+    doubling (decode compiles per bucket), and long requests no longer double their cache: a
+    256K prompt + 64 new tokens gets 288K tokens (40.5 GiB for the 8B shape), not 512K (72 GiB,
+    more than an 80 GB GPU holds next to the weights)."""
+    p = max(page_size, next_pow2(n))
+    step = max(p // 16, CAPACITY_STEP_MIN, page_size)
+    return min(p, -(-n // step) * step)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rt"), donate_argnames=("cache",))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax import engine, sharding
+from elastic_jax import engine, memory, sharding
 from elastic_jax.loader import Model
 from elastic_jax.sampling import SamplingParams
 
@@ -161,6 +161,8 @@ def generate_iter(
         tokens[b, : len(p)] = p
         lengths[b] = len(p)
     capacity = engine.capacity_bucket(max(len(p) + m for p, m in zip(ids, budgets)), rt.page_size)
+    if model.mesh is None:  # one device: fail before any work when the request cannot fit
+        memory.check_fits(cfg, rt, T, B, capacity)
     cache = sharding.create_cache(cfg, B, capacity, model.mesh, page_size=rt.page_size)
 
     banned_eos = np.zeros((B, cfg.vocab_size), bool)

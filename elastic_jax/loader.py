@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from elastic_jax import checkpoint
+from elastic_jax import checkpoint, memory
 from elastic_jax import sharding as sharding_lib
 from elastic_jax.config import ModelConfig, RuntimeConfig
 from elastic_jax.params import Params
@@ -74,6 +74,8 @@ def load_model(
             f"attention_mode={attention_mode!r} needs a PawQwen3 / PawLlama checkpoint (its sink/window/"
             f"XAttention settings); {path} is {cfg.architecture}"
         )
+    if mesh is None and sharding is None:  # one device: weights + one short request must fit
+        memory.check_fits(cfg, rt, 128, 1, page_size)
     if mesh is not None:
         if sharding is not None:
             raise ValueError("pass either mesh= or sharding=, not both")

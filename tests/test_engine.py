@@ -191,6 +191,14 @@ def test_buckets():
     assert engine.prompt_bucket(100_000, 8192) == 106_496
     assert engine.batch_bucket(3) == 4
     assert engine.capacity_bucket(300, 128) == 512
+    # Long requests step by a sixteenth of the power of two (never below 8K tokens) instead
+    # of doubling: a 256K prompt + 64 new tokens gets a 288K cache, not 512K.
+    assert engine.capacity_bucket(20_000, 128) == 24_576
+    assert engine.capacity_bucket(262_144 + 64, 128) == 294_912
+    assert engine.capacity_bucket(262_144, 128) == 262_144
+    for n in range(1, 600_000, 997):
+        c = engine.capacity_bucket(n, 128)
+        assert n <= c <= engine.next_pow2(max(n, 128)) and c % 128 == 0
 
 
 def test_decode_compiles_once_per_bucket(tiny_qwen3):

@@ -110,6 +110,7 @@ def xattn_select(
     interpret: bool | None = None,
     config: config_lib.Config | None = None,
     sink_rule: str = "always",
+    kv_heads_per_pass: int | None = None,
 ) -> XAttnSelection:
     """XAttention antidiagonal estimate and threshold block selection (official semantics).
 
@@ -129,6 +130,10 @@ def xattn_select(
       config: tiling; default from the autotune table of this device, else a heuristic.
       sink_rule: ``"always"`` (sink and diagonal forced on every row, the spec's rule) or
         ``"official"`` (the official code's first-chunk bookkeeping, see ``select``).
+      kv_heads_per_pass: estimate this many KV heads (with their query heads) at a time, one
+        pass after another in a loop (None: all at once). Heads are independent, so the result
+        is the same; only the estimate's scratch shrinks, which grows as T^2 (``scratch_bytes``:
+        16 GiB per layer at 512K tokens and 32 heads in one pass). Must divide K.
 
     Returns:
       ``XAttnSelection`` with ``nQb = ceil(Tq / block_size)``, ``nKb = ceil(Tk / block_size)``.
@@ -139,7 +144,31 @@ def xattn_select(
         q, k, kv_lengths, head_mask, stride, threshold, norm, block_size, implementation, sink_rule
     )
     b, t_q, h, d = q.shape
-    t_k = k.shape[1]
+    t_k, kh = k.shape[1], k.shape[2]
+    if kv_heads_per_pass is not None and not (
+        isinstance(kv_heads_per_pass, int)
+        and 1 <= kv_heads_per_pass <= kh
+        and kh % kv_heads_per_pass == 0
+    ):
+        raise ValueError(f"kv_heads_per_pass={kv_heads_per_pass!r} must be a divisor of K={kh}")
+    if kv_heads_per_pass is not None and kv_heads_per_pass < kh and t_q > 1:
+        return _select_in_passes(
+            q,
+            k,
+            kv_heads_per_pass,
+            kv_lengths=kv_lengths,
+            stride=stride,
+            threshold=threshold,
+            norm=norm,
+            block_size=block_size,
+            head_mask=head_mask,
+            return_mask=return_mask,
+            return_scores=return_scores,
+            implementation=implementation,
+            interpret=interpret,
+            config=config,
+            sink_rule=sink_rule,
+        )
     n_kb = select_lib.cdiv(t_k, block_size)
     if kv_lengths is None:
         kv_lengths = jnp.full((b,), t_k, jnp.int32)
@@ -226,3 +255,76 @@ def xattn_select(
     return XAttnSelection(
         counts, indices, mask if return_mask else None, sums if return_scores else None
     )
+
+
+def _select_in_passes(q, k, kv_heads_per_pass: int, *, head_mask, **kw) -> XAttnSelection:
+    """``xattn_select`` over groups of ``kv_heads_per_pass`` KV heads (and their G query heads
+    each), one group per iteration of a ``fori_loop``: the loop makes the passes run one after
+    another, so only one pass's scratch is live. Each pass's outputs go into the full-size
+    outputs in place (``dynamic_update_slice`` along the head axis)."""
+    b, _, h, _ = q.shape
+    kh = k.shape[2]
+    hp = kv_heads_per_pass * (h // kh)
+    head_active = jnp.ones((b, h), bool) if head_mask is None else head_mask.astype(bool)
+
+    def one_pass(i):
+        q_i = jax.lax.dynamic_slice_in_dim(q, i * hp, hp, axis=2)
+        k_i = jax.lax.dynamic_slice_in_dim(k, i * kv_heads_per_pass, kv_heads_per_pass, axis=2)
+        act_i = jax.lax.dynamic_slice_in_dim(head_active, i * hp, hp, axis=1)
+        sel = xattn_select(q_i, k_i, head_mask=act_i, **kw)
+        outs = (sel.block_counts, sel.block_indices, sel.mask, sel.scores)
+        return tuple(x for x in outs if x is not None)
+
+    # Full-size outputs: every output has the head axis at position 1.
+    shapes = jax.eval_shape(one_pass, 0)
+    init = tuple(jnp.zeros((s.shape[0], h, *s.shape[2:]), s.dtype) for s in shapes)
+
+    def body(i, outs):
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(o, x, i * hp, axis=1)
+            for o, x in zip(outs, one_pass(i))
+        )
+
+    outs = list(jax.lax.fori_loop(0, kh // kv_heads_per_pass, body, init))
+    counts, indices = outs.pop(0), outs.pop(0)
+    mask = outs.pop(0) if kw["return_mask"] else None
+    scores = outs.pop(0) if kw["return_scores"] else None
+    return XAttnSelection(counts, indices, mask, scores)
+
+
+def scratch_bytes(
+    batch: int,
+    q_len: int,
+    k_len: int,
+    heads: int,
+    *,
+    stride: int = 16,
+    block_size: int = 128,
+    tile: int = 128,
+) -> dict[str, int]:
+    """Bytes of the estimate's per-call buffers on the GPU path (``pallas_triton``) for
+    ``heads`` query heads, by buffer. ``tile``: the scoring kernel's block_m = block_n (128
+    for long inputs; the autotune table may pick another, which changes the padding only).
+
+    - ``score_w``: f32 [B, H, Rq_pad, nKbt], each row's partial sums per key block (Rq = Tq /
+      stride reshaped rows, nKbt ~ Tk / block_size): grows as Tq * Tk.
+    - ``score_m_l``: f32 [B, H, nJ, Rq_pad] x 2, per-row per-column-tile max and sum.
+    - ``block_sums``: bf16 [B, H, nQb, nKb].
+    - ``select_mask``: int8 [B, H, nQb, nKb] written by the selection kernel.
+    - ``select_lists``: int32 [B, H, nQb, nKb] kept-block indices + int32 [B, H, nQb] counts
+      (the outputs: live until the attention kernel has run).
+    """
+    cdiv = select_lib.cdiv
+    rb = block_size // stride
+    n_qb, n_kb = cdiv(q_len, block_size), cdiv(k_len, block_size)
+    rq_pad = cdiv(n_qb * rb, tile) * tile
+    n_j = cdiv(n_kb * rb, tile)
+    n_kbt = n_j * (tile // rb)
+    bh = batch * heads
+    return {
+        "score_w": bh * rq_pad * n_kbt * 4,
+        "score_m_l": 2 * bh * n_j * rq_pad * 4,
+        "block_sums": bh * n_qb * n_kb * 2,
+        "select_mask": bh * n_qb * n_kb,
+        "select_lists": bh * n_qb * n_kb * 4 + bh * n_qb * 4,
+    }

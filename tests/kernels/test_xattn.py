@@ -383,3 +383,43 @@ def test_official_chunk_rule():
     for n, g in zip(lengths, got):
         p2 = 1 << (n - 1).bit_length()  # Xattention_prefill_dim4's chunk_size rule
         assert g * 128 == max(min(max(2048, p2), 128 * 1024 * 2048 // p2), 2048), n
+
+
+# ------------------------------------------------------------------------------------------
+# Estimate in passes over KV-head groups (bounds the T^2 scratch at long prompts).
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas_triton"])
+@pytest.mark.parametrize("kv_per_pass", [1, 2])
+def test_passes_over_kv_heads_equal_one_pass(impl, kv_per_pass):
+    """Heads are independent: estimating K/kv_per_pass groups one after another gives exactly
+    the one-pass result (counts, lists, mask, scores), head mask and padding included."""
+    h, kh = 8, 4
+    q, k = synthetic.structured_qk(jax.random.key(21), 2, 320, h, kh, D)
+    kv = jnp.asarray([320, 201], jnp.int32)
+    head_mask = jnp.asarray([[1, 0, 1, 1, 1, 1, 0, 1], [1, 1, 1, 0, 1, 1, 1, 1]], bool)
+    kw = dict(kv_lengths=kv, stride=8, block_size=64, threshold=0.9, head_mask=head_mask)
+    kw["sink_rule"] = "official"
+    one = _run(q, k, impl, **kw)
+    split = _run(q, k, impl, kv_heads_per_pass=kv_per_pass, **kw)
+    for name in ("block_counts", "block_indices", "mask", "scores"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(split, name)), np.asarray(getattr(one, name)), err_msg=name
+        )
+    assert float(jnp.abs(one.scores.astype(jnp.float32)).max()) > 0  # not a trivial match
+
+
+def test_passes_argument_checked_and_scratch_counted():
+    q, k = synthetic.random_qk(jax.random.key(22), 1, 256, H, K, D)
+    with pytest.raises(ValueError, match="kv_heads_per_pass=3 must be a divisor of K=2"):
+        xattn_select(q, k, kv_heads_per_pass=3)
+    from pallas_kernels.xattn.api import scratch_bytes
+
+    # 8B shape at 512K tokens, stride 16, 128-token blocks: the row partial sums are
+    # 32 heads x 32768 rows x 4096 key blocks x 4 bytes = 16 GiB in one pass.
+    s = scratch_bytes(1, 2**19, 2**19, 32)
+    assert s["score_w"] == 32 * 32768 * 4096 * 4
+    assert s["block_sums"] == 32 * 4096 * 4096 * 2
+    # Quartering the heads quarters every buffer.
+    s4 = scratch_bytes(1, 2**19, 2**19, 8)
+    assert all(4 * s4[name] == s[name] for name in s)
