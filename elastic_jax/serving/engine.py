@@ -221,7 +221,8 @@ class Engine:
         self._queue: deque[_Request] = deque()
         self._results: dict[int, RequestResult] = {}
         self._next_id = 0
-        self.decode_steps = 0
+        self.decode_steps = 0  # counters, for benchmarks and logs
+        self.prefills = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -232,6 +233,11 @@ class Engine:
     @property
     def num_queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens in the cache of the running requests (what a decode step's attention reads)."""
+        return sum(len(r.prompt) + len(r.tokens) for r in self._owner if r is not None)
 
     @property
     def idle(self) -> bool:
@@ -380,6 +386,7 @@ class Engine:
         prompt = np.full((1, T), cfg.pad_token_id or 0, np.int32)
         prompt[0, :n] = req.prompt
         req.t_admit = time.perf_counter()
+        self.prefills += 1
         self._pool, self._tok, stats = steps.prefill_insert(
             self.model.params,
             self._pool,
