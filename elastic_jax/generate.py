@@ -242,13 +242,20 @@ def _serve(
         if len(set(sps)) > 1:
             raise ValueError("per-prompt sampling parameters need a model without a mesh")
         sp = sps[0]
-        return (
-            yield from generate_static_iter(
-                model, ids, max_new_tokens=budgets, temperature=sp.temperature, top_k=sp.top_k,
-                top_p=sp.top_p, seed=seed, stop_token_ids=sorted(stops),
-                min_new_tokens=min_new_tokens, return_info=return_info,
-            )
+        it = generate_static_iter(
+            model, ids, max_new_tokens=budgets, temperature=sp.temperature, top_k=sp.top_k,
+            top_p=sp.top_p, seed=seed, stop_token_ids=sorted(stops),
+            min_new_tokens=min_new_tokens, return_info=return_info,
         )  # fmt: skip
+        while True:
+            try:
+                event = next(it)
+            except StopIteration as stop:
+                return stop.value
+            if stream is not None:
+                stream(event)
+            else:
+                yield event
     S = num_slots or min(engine.batch_bucket(n), MAX_DEFAULT_SLOTS)
     capacity = engine.capacity_bucket(
         max(len(p) + m for p, m in zip(ids, budgets)), model.runtime.page_size
@@ -339,7 +346,8 @@ def generate(
         most 64); more prompts than slots wait in the engine's queue.
       stream: called with a ``TokenEvent`` for every token as it arrives. An exception it raises
         is recorded in ``GenerationResult.callback_errors`` for that request (which stops being
-        streamed but still runs to its end); the other requests are not affected.
+        streamed but still runs to its end); the other requests are not affected. (A model
+        with a mesh runs the static path, where such an exception propagates.)
     Returns:
       ``GenerationResult`` with token ids, texts, per-request timings (queue, prefill and decode
       ms, decode tok/s).

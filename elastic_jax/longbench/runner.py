@@ -298,11 +298,10 @@ def _run_task(
 
 def _make_engine(model: Model, batch_size: int, need: int | None, runs: Sequence[TaskRun]):
     """One serving engine for a mode: ``batch_size`` slots, each able to hold the longest sample
-    (``need`` tokens, rounded up to a power of two like the static path's capacity bucket)."""
-    from elastic_jax import engine as buckets
+    (``need`` tokens; the pool holds ``batch_size`` of them)."""
     from elastic_jax.serving import Engine
 
-    cap = model.max_tokens if need is None else min(model.max_tokens, buckets.next_pow2(need))
+    cap = model.max_tokens if need is None else min(model.max_tokens, need)
     stops = max(len(stop_token_ids(r.spec, model.tokenizer)) for r in runs)
     return Engine(model, batch_size, max_request_tokens=cap, max_stop_ids=max(8, stops))
 
