@@ -10,7 +10,14 @@ Quick use::
 """
 
 from elastic_jax.config import ModelConfig, RuntimeConfig, load_hf_config
-from elastic_jax.generate import GenerationResult, RequestTiming, TokenEvent, generate, stream_text
+from elastic_jax.generate import (
+    GenerationResult,
+    RequestTiming,
+    TokenEvent,
+    generate,
+    generate_static,
+    stream_text,
+)
 from elastic_jax.loader import Model, load_model
 
 __all__ = [
@@ -21,6 +28,7 @@ __all__ = [
     "RuntimeConfig",
     "TokenEvent",
     "generate",
+    "generate_static",
     "load_hf_config",
     "load_model",
     "stream_text",

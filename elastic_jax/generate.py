@@ -1,8 +1,12 @@
-"""``generate()``: the small host loop around the jitted prefill and decode steps.
+"""``generate()``: prompts in, continuations out, through the continuous-batching engine.
 
-tokenize -> bucket -> prefill (fills the paged cache) -> sample -> decode until every request hit a
-stop token or its token budget. The only device->host transfer per step is the int32 [B] token
+tokenize -> ``serving.Engine`` (slots over a shared paged KV pool: each request is prefilled into
+its own pages when a slot and pages are free, all running requests decode together, a finished
+request frees its slot at once). The only device->host transfer per step is the int32 [S] token
 vector, read one step behind so the device always has the next step queued.
+
+``generate_static`` / ``generate_static_iter`` keep the former static path (one padded batch,
+every row waits for the slowest): benchmarks compare against it, and a model with a mesh uses it.
 """
 
 from __future__ import annotations
@@ -19,36 +23,32 @@ import numpy as np
 from elastic_jax import engine, memory, sharding
 from elastic_jax.loader import Model
 from elastic_jax.sampling import SamplingParams
+from elastic_jax.serving.engine import Engine, RequestTiming, TokenEvent
+from elastic_jax.serving.engine import prefill_info as _prefill_info
 
-
-@dataclasses.dataclass(frozen=True)
-class RequestTiming:
-    prompt_tokens: int
-    new_tokens: int
-    prefill_ms: float  # the batch's prefill (shared by its requests)
-    decode_ms: float  # from the end of prefill to this request's last token
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.new_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else float("nan")
+__all__ = [
+    "GenerationResult",
+    "RequestTiming",
+    "TokenEvent",
+    "generate",
+    "generate_iter",
+    "generate_static",
+    "generate_static_iter",
+    "stream_text",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """token_ids: new tokens per request (a final stop token included, as transformers does);
-    texts: decoded new tokens (special tokens skipped); prefill_info: per request, when asked."""
+    texts: decoded new tokens (special tokens skipped); prefill_info: per request, when asked;
+    callback_errors: the stream callback's exception per request, when any raised."""
 
     token_ids: list[list[int]]
     texts: list[str] | None
     timings: list[RequestTiming]
     prefill_info: list[dict[str, Any]] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-    request: int
-    token_id: int
-    step: int
+    callback_errors: list[BaseException | None] | None = None  # per request; None if none raised
 
 
 def _prepare_prompts(
@@ -85,38 +85,35 @@ def _prepare_prompts(
     return out
 
 
-def _prefill_info(stats: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """Per request: modes [L][H] (0 dense, 1 XAttention, -1 streaming), kept-block fraction
-    [L][H], ``sparsity`` (fraction of causal attention blocks skipped over the whole prefill),
-    ``router_class`` [L][K] and ``sparse_head_fraction`` (fraction of KV heads the router put in
-    class 0, the paper's Omega_MSR; None when no router ran)."""
-    empty = {
-        "modes": None,
-        "kept_fraction": None,
-        "sparsity": 0.0,
-        "router_class": None,
-        "sparse_head_fraction": None,
-    }
-    if not stats:
-        return [dict(empty) for _ in range(n)]
-    modes = np.asarray(stats["modes"])  # [L, B, H]
-    kept = np.asarray(stats["kept_blocks"], np.float64)
-    causal = np.asarray(stats["causal_blocks"], np.float64)
-    classes = np.asarray(stats["router_class"]) if "router_class" in stats else None  # [L, B, K]
-    out = []
-    for b in range(n):
-        info = dict(empty)
-        info["modes"] = modes[:, b].tolist()
-        info["kept_fraction"] = (kept[:, b] / np.maximum(causal[:, b], 1)).tolist()
-        info["sparsity"] = float(1.0 - kept[:, b].sum() / max(causal[:, b].sum(), 1.0))
-        if classes is not None:
-            info["router_class"] = classes[:, b].tolist()
-            info["sparse_head_fraction"] = float((classes[:, b] == 0).mean())
-        out.append(info)
+def _per_prompt(name: str, value: Any, n: int) -> list:
+    """A scalar broadcast to n prompts, or a sequence of exactly n values."""
+    if np.isscalar(value):
+        return [value] * n
+    out = list(value)
+    if len(out) != n:
+        raise ValueError(f"{name} has {len(out)} values for {n} prompts")
     return out
 
 
-def generate_iter(
+def _budgets_and_stops(
+    model: Model, ids: list[list[int]], max_new_tokens, stop_token_ids
+) -> tuple[list[int], set[int]]:
+    budgets = [int(m) for m in _per_prompt("max_new_tokens", max_new_tokens, len(ids))]
+    if min(budgets) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 per prompt (got {max_new_tokens})")
+    stops = set(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    if stop_token_ids is None and model.tokenizer is not None:
+        stops |= set(model.tokenizer.eos_token_ids)
+    for i, (p, m) in enumerate(zip(ids, budgets)):
+        if len(p) + m > model.max_tokens:
+            raise ValueError(
+                f"prompt {i}: {len(p)} prompt tokens + max_new_tokens={m} exceeds the cache "
+                f"capacity of {model.max_tokens} tokens (max_cache_tokens / max_position_embeddings)"
+            )
+    return budgets, stops
+
+
+def generate_static_iter(
     model: Model,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
@@ -132,26 +129,17 @@ def generate_iter(
     return_info: bool = False,
     greedy: bool | None = None,
 ) -> Iterator[TokenEvent]:
-    """Like ``generate`` but yields a ``TokenEvent`` per new token as it arrives; the
-    ``GenerationResult`` is the generator's return value (``StopIteration.value``)."""
+    """The former static path: all prompts in one padded batch (batch bucket x longest prompt's
+    bucket), decoded together until the slowest request finishes. Yields a ``TokenEvent`` per
+    token; the ``GenerationResult`` is the generator's return value. ``prefill_ms`` is the whole
+    batch's prefill, ``queue_ms`` 0."""
     if greedy:
         temperature = 0.0
     sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     cfg, rt = model.config, model.runtime
     ids = _prepare_prompts(model, prompts, chat_template, enable_thinking)
     n = len(ids)
-    budgets = [int(max_new_tokens)] * n if np.isscalar(max_new_tokens) else list(max_new_tokens)
-    if len(budgets) != n or min(budgets) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 per prompt (got {max_new_tokens})")
-    stops = set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
-    if stop_token_ids is None and model.tokenizer is not None:
-        stops |= set(model.tokenizer.eos_token_ids)
-    for i, (p, m) in enumerate(zip(ids, budgets)):
-        if len(p) + m > model.max_tokens:
-            raise ValueError(
-                f"prompt {i}: {len(p)} prompt tokens + max_new_tokens={m} exceeds the cache "
-                f"capacity of {model.max_tokens} tokens (max_cache_tokens / max_position_embeddings)"
-            )
+    budgets, stops = _budgets_and_stops(model, ids, max_new_tokens, stop_token_ids)
 
     T = engine.prompt_bucket(max(len(p) for p in ids), rt.prefill_chunk)
     B = engine.batch_bucket(n)
@@ -221,6 +209,123 @@ def generate_iter(
     return GenerationResult(out, texts, timings, info)
 
 
+MAX_DEFAULT_SLOTS = 64
+
+
+def _serve(
+    model: Model,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    stream: Callable[[TokenEvent], None] | None,
+    *,
+    max_new_tokens: int | Sequence[int] = 64,
+    temperature: float | Sequence[float] = 0.0,
+    top_k: int | Sequence[int] = 0,
+    top_p: float | Sequence[float] = 1.0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
+    min_new_tokens: int = 0,
+    chat_template: bool = False,
+    enable_thinking: bool | None = None,
+    return_info: bool = False,
+    greedy: bool | None = None,
+    num_slots: int | None = None,
+) -> Iterator[TokenEvent]:
+    """Run the prompts through a ``serving.Engine``. With ``stream`` the engine calls it per
+    token (an exception is recorded on that request only); without, the events are yielded."""
+    ids = _prepare_prompts(model, prompts, chat_template, enable_thinking)
+    n = len(ids)
+    budgets, stops = _budgets_and_stops(model, ids, max_new_tokens, stop_token_ids)
+    temps = _per_prompt("temperature", 0.0 if greedy else temperature, n)
+    sps = [
+        SamplingParams(temperature=float(t), top_k=int(k), top_p=float(p))
+        for t, k, p in zip(temps, _per_prompt("top_k", top_k, n), _per_prompt("top_p", top_p, n))
+    ]
+    if model.mesh is not None:  # the engine runs on one device
+        if len(set(sps)) > 1:
+            raise ValueError("per-prompt sampling parameters need a model without a mesh")
+        sp = sps[0]
+        it = generate_static_iter(
+            model, ids, max_new_tokens=budgets, temperature=sp.temperature, top_k=sp.top_k,
+            top_p=sp.top_p, seed=seed, stop_token_ids=sorted(stops),
+            min_new_tokens=min_new_tokens, return_info=return_info,
+        )  # fmt: skip
+        while True:
+            try:
+                event = next(it)
+            except StopIteration as stop:
+                return stop.value
+            if stream is not None:
+                stream(event)
+            else:
+                yield event
+    S = num_slots or min(engine.batch_bucket(n), MAX_DEFAULT_SLOTS)
+    capacity = engine.capacity_bucket(
+        max(len(p) + m for p, m in zip(ids, budgets)), model.runtime.page_size
+    )
+    eng = Engine(
+        model,
+        S,
+        max_request_tokens=capacity,
+        max_stop_ids=max(8, engine.next_pow2(len(stops))),
+        collect_info=return_info,
+    )
+    events: list[TokenEvent] = []
+    index: dict[int, int] = {}
+    for i, (p, m, sp) in enumerate(zip(ids, budgets, sps)):
+
+        def emit(e: TokenEvent, i=i) -> None:
+            e = TokenEvent(i, e.token_id, e.step)
+            if stream is not None:
+                stream(e)
+            else:
+                events.append(e)
+
+        rid = eng.submit(
+            p,
+            m,
+            sampling=sp,
+            stop_token_ids=sorted(stops),
+            min_new_tokens=min_new_tokens,
+            seed=(seed * 1_000_003 + i) % (2**31),
+            callback=emit,
+        )
+        index[rid] = i
+    while not eng.idle:
+        eng.step()
+        yield from events
+        events.clear()
+    results = [None] * n
+    for rid, res in eng.pop_results().items():
+        results[index[rid]] = res
+    out = [r.token_ids for r in results]
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+    info = [r.prefill_info for r in results] if return_info else None
+    errors = [r.callback_error for r in results]
+    return GenerationResult(
+        out, texts, [r.timing for r in results], info, errors if any(errors) else None
+    )
+
+
+def generate_iter(
+    model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], **kwargs: Any
+) -> Iterator[TokenEvent]:
+    """Like ``generate`` but yields a ``TokenEvent`` per new token as it arrives; the
+    ``GenerationResult`` is the generator's return value (``StopIteration.value``)."""
+    return (yield from _serve(model, prompts, None, **kwargs))
+
+
+def generate_static(model: Model, prompts, **kwargs: Any) -> GenerationResult:
+    """``generate`` through the former static path (``generate_static_iter``), no streaming."""
+    it = generate_static_iter(model, prompts, **kwargs)
+    while True:
+        try:
+            next(it)
+        except StopIteration as stop:
+            return stop.value
+
+
 def generate(
     model: Model,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -233,22 +338,28 @@ def generate(
     Args:
       model: from ``load_model``.
       prompts: strings (tokenized, optionally through the chat template) or token-id lists.
-      max_new_tokens: int or one per prompt. temperature (0 = greedy), top_k, top_p, seed.
+      max_new_tokens: int or one per prompt. temperature (0 = greedy), top_k, top_p: one value
+        or one per prompt. seed: request i draws from its own stream (seed, i), so sampled
+        tokens do not depend on what else is in the batch.
       stop_token_ids: default: the checkpoint's EOS ids. min_new_tokens: stop tokens banned before.
       chat_template: wrap each string prompt as one user turn (``enable_thinking`` passed on).
       return_info: include per-request prefill info (head modes, kept-block fractions, sparsity).
-      stream: called with a ``TokenEvent`` for every token as it arrives.
+      num_slots: requests decoded together (default: the batch bucket of the prompt count, at
+        most 64); more prompts than slots wait in the engine's queue.
+      stream: called with a ``TokenEvent`` for every token as it arrives. An exception it raises
+        is recorded in ``GenerationResult.callback_errors`` for that request (which stops being
+        streamed but still runs to its end); the other requests are not affected. (A model
+        with a mesh runs the static path, where such an exception propagates.)
     Returns:
-      ``GenerationResult`` with token ids, texts, per-request timings (prefill ms, decode tok/s).
+      ``GenerationResult`` with token ids, texts, per-request timings (queue, prefill and decode
+      ms, decode tok/s).
     """
-    it = generate_iter(model, prompts, **kwargs)
+    it = _serve(model, prompts, stream, **kwargs)
     while True:
         try:
-            event = next(it)
+            next(it)
         except StopIteration as stop:
             return stop.value
-        if stream is not None:
-            stream(event)
 
 
 def stream_text(model: Model, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:

@@ -52,3 +52,48 @@ def sample(
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(
+    logits: jax.Array,
+    positions: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    seeds: jax.Array,
+    stop_ids: jax.Array,
+    ban_below: jax.Array,
+    any_sampling: bool,
+) -> jax.Array:
+    """Per-row sampling parameters (the serving engine's slots), traced so that admitting a
+    request with other parameters never recompiles.
+
+    logits: float32 [B, V]; positions: int32 [B] position of the token each row consumed (its
+    random key is ``fold_in(PRNGKey(seeds[b]), positions[b])``, so a row's draw does not depend on
+    the other rows); temperature, top_p: float32 [B] (temperature 0: greedy, exactly argmax);
+    top_k: int32 [B] (0: no cut); stop_ids: int32 [B, J] (-1 padding) banned while
+    ``positions < ban_below`` (int32 [B], i.e. before min_new_tokens). ``any_sampling`` (static):
+    False compiles the greedy-only step (no sort over V). Returns int32 [B].
+    """
+    B, V = logits.shape
+    ban = (positions < ban_below)[:, None] & (stop_ids >= 0)
+    cols = jnp.where(ban, stop_ids, V)  # column V is out of range: dropped
+    logits = logits.at[jnp.arange(B)[:, None], cols].set(-jnp.inf, mode="drop")
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not any_sampling:
+        return greedy
+    x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_x = -jnp.sort(-x, axis=-1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(sorted_x, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    # Nucleus over the top-k survivors (the order ``sample`` applies them in).
+    sorted_x = jnp.where(jnp.arange(V)[None, :] < k[:, None], sorted_x, -jnp.inf)
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff_idx = jnp.sum(before < top_p[:, None], axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_x, cutoff_idx, axis=-1)
+    x = jnp.where((top_p[:, None] < 1.0) & (x < cutoff), -jnp.inf, x)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds, positions)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x)
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)

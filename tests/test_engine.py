@@ -202,11 +202,15 @@ def test_buckets():
 
 
 def test_decode_compiles_once_per_bucket(tiny_qwen3):
+    from elastic_jax.generate import generate_static
+    from elastic_jax.serving import steps
+
     model = load_model(tiny_qwen3[1])
-    generate(model, [[1, 2, 3]], max_new_tokens=3, stop_token_ids=[])
-    before = engine.decode_sample_step._cache_size()
-    generate(model, [[4, 5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
-    assert engine.decode_sample_step._cache_size() == before
+    for run, step in ((generate, steps.decode_slots), (generate_static, engine.decode_sample_step)):
+        run(model, [[1, 2, 3]], max_new_tokens=3, stop_token_ids=[])
+        before = step._cache_size()
+        run(model, [[4, 5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
+        assert step._cache_size() == before
     jax.clear_caches()
 
 

@@ -39,3 +39,28 @@ def test_tiny_checkpoint_through_the_harness(tiny_paw_checkpoints, tmp_path):
     assert json.dumps(first, sort_keys=True, default=str) == json.dumps(
         second, sort_keys=True, default=str
     )
+
+
+def test_engine_slots_match_the_static_path(tiny_paw_checkpoints, tmp_path):
+    """--batch-size 3 (engine slots, completion order) writes the predictions the static batch-1
+    path writes (greedy, fp32)."""
+    from elastic_jax import generate_static
+
+    _, conv = tiny_paw_checkpoints(elastic={"retrieval_mode": "xattn", "toggle_type": "streaming"})
+    kwargs = dict(
+        attention_modes="elastic",
+        limit=2,
+        progress=False,
+        write_report=False,
+        model_options={"prefill_impl": "reference"},
+    )
+    tasks = "hotpotqa_e,trec_e,samsum_e"
+    run_longbench(conv, FIXTURES, tasks, tmp_path / "engine", batch_size=3, **kwargs)
+    run_longbench(conv, FIXTURES, tasks, tmp_path / "static", generate_fn=generate_static, **kwargs)
+
+    def preds(root: Path) -> dict:
+        rows = [json.loads(x) for p in root.glob("*/*.jsonl") for x in p.read_text().splitlines()]
+        return {r["_id"]: (r["pred"], r["new_tokens"]) for r in rows}
+
+    engine, static = preds(tmp_path / "engine"), preds(tmp_path / "static")
+    assert len(engine) == 6 and engine == static

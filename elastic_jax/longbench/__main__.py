@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(ATTENTION_MODES)}; repeat or comma-separate to compare "
         "(e.g. dense,elastic); default elastic",
     )
-    run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="decode slots of the serving engine (requests decoded together)",
+    )
     run.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     run.add_argument(
         "--no-chat-template",

@@ -1,8 +1,11 @@
-"""The LongBench evaluation loop: prompts -> generate() -> one jsonl of predictions per task.
+"""The LongBench evaluation loop: prompts -> the serving engine -> one jsonl of predictions per task.
 
+By default every task's prompts go through one ``elastic_jax.serving.Engine`` per attention mode
+with ``batch_size`` decode slots (continuous batching: a finished sample's slot takes the next
+prompt at once). With a custom ``generate_fn`` the prompts go to it in batches of ``batch_size``.
 Predictions are appended to `<out_dir>/<mode>/<task>.jsonl` as they are produced (flushed and
-fsync'ed per record), so an interrupted run loses at most the batch in flight; a restart skips
-the `_id`s already in the file. The model is only touched through `load_model`-like and
+fsync'ed per record, in completion order), so an interrupted run loses at most the samples in
+flight; a restart skips the `_id`s already in the file. The model is only touched through `load_model`-like and
 `generate`-like callables (the Protocols below), so tests can drive the loop with a fake model.
 """
 
@@ -19,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from elastic_jax.generate import generate
 from elastic_jax.loader import load_model
 
 from . import report
@@ -72,10 +74,6 @@ def _default_load_fn() -> LoadFn:
     return load_model
 
 
-def _default_generate_fn() -> GenerateFn:
-    return generate
-
-
 def _check_args(modes: Sequence[str], batch_size: int, limit: int | None, max_length: int | None):
     if not modes:
         raise ValueError("attention_modes is empty; allowed: " + ", ".join(ATTENTION_MODES))
@@ -121,8 +119,11 @@ class _Options:
 _RETOKENIZE_MARGIN = 16
 
 
-def _check_model(model: Model, max_length: int, runs: Sequence[TaskRun], opts: _Options) -> None:
-    """Fail before generating if the model cannot take the longest prompt + generation."""
+def _check_model(
+    model: Model, max_length: int, runs: Sequence[TaskRun], opts: _Options
+) -> int | None:
+    """Fail before generating if the model cannot take the longest prompt + generation; returns
+    the tokens one sample may need (None when the model states no capacity)."""
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError("the model has no tokenizer (tokenizer.json); LongBench needs one")
@@ -130,7 +131,7 @@ def _check_model(model: Model, max_length: int, runs: Sequence[TaskRun], opts: _
         model.config, "max_position_embeddings", None
     )
     if not isinstance(capacity, int):
-        return
+        return None
     overhead = len(tok.encode("", add_special_tokens=True))
     if opts.use_chat_template and any(not r.spec.skip_chat_template for r in runs):
         empty = tok.apply_chat_template(
@@ -148,6 +149,7 @@ def _check_model(model: Model, max_length: int, runs: Sequence[TaskRun], opts: _
             "tokens; pass a smaller max_length or raise the capacity (e.g. the load_model "
             "option max_cache_tokens)"
         )
+    return need
 
 
 def _mode_dir(out_dir: Path, mode: str) -> Path:
@@ -229,6 +231,7 @@ def _record(
         "decode_ms": t("decode_ms"),
         "decode_tokens_per_s": t("decode_tokens_per_s"),
         "wall_ms": wall_ms,
+        "queue_ms": t("queue_ms"),
         "sparsity": scalars.get("sparsity"),
         "prefill_info": scalars,
     }
@@ -297,6 +300,79 @@ def _run_task(
             bar.update(len(batch))
 
 
+def _make_engine(model: Model, batch_size: int, need: int | None, runs: Sequence[TaskRun]):
+    """One serving engine for a mode: ``batch_size`` slots, each able to hold the longest sample
+    (``need`` tokens; the pool holds ``batch_size`` of them)."""
+    from elastic_jax.serving import Engine
+
+    cap = model.max_tokens if need is None else min(model.max_tokens, need)
+    stops = max(len(stop_token_ids(r.spec, model.tokenizer)) for r in runs)
+    return Engine(model, batch_size, max_request_tokens=cap, max_stop_ids=max(8, stops))
+
+
+def _run_task_engine(
+    engine,
+    model: Model,
+    run: TaskRun,
+    pending: list[dict],
+    pred_path: Path,
+    opts: _Options,
+    max_length: int,
+    bar,
+) -> None:
+    """Generate the pending samples of one task through ``engine`` (prompts built lazily, a
+    queue of at most ``batch_size`` waiting), appending each record as its sample finishes.
+    ``wall_ms`` of a record is the time since the previous record, so the task's wall time is
+    their sum (what samples/min in the report needs)."""
+    if not pending:
+        return
+    tok = model.tokenizer
+    stops = stop_token_ids(run.spec, tok)
+    todo = iter(pending)
+    inflight: dict[int, tuple[dict, Any]] = {}
+    last = time.perf_counter()
+
+    def refill() -> None:
+        while engine.num_queued < opts.batch_size:
+            sample = next(todo, None)
+            if sample is None:
+                return
+            prompt = build_prompt(
+                run.spec,
+                sample,
+                tok,
+                max_length=max_length,
+                use_chat_template=opts.use_chat_template,
+                enable_thinking=opts.enable_thinking,
+            )
+            rid = engine.submit(
+                prompt.token_ids,
+                run.spec.max_new_tokens,
+                stop_token_ids=stops,
+                min_new_tokens=run.spec.min_new_tokens,
+            )
+            inflight[rid] = (sample, prompt)
+
+    with pred_path.open("a", encoding="utf-8") as f:
+        refill()
+        while not engine.idle:
+            for res in engine.step():
+                sample, prompt = inflight.pop(res.request_id)
+                now = time.perf_counter()
+                text = tok.decode(res.token_ids, skip_special_tokens=True)
+                rec = _record(
+                    sample, text, res.token_ids, prompt, res.timing, res.prefill_info,
+                    (now - last) * 1e3,
+                )  # fmt: skip
+                last = now
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(1)
+            refill()
+    engine.pop_results()
+
+
 def run_longbench(
     model_or_path: str | os.PathLike | Model,
     data_dir: str | os.PathLike,
@@ -331,11 +407,14 @@ def run_longbench(
         modes run one after the other, each with its own model instance.
       max_length: prompt budget in tokens before the chat template; None = the model's
         max_position_embeddings - 1024.
-      batch_size: prompts per generate() call.
+      batch_size: decode slots of the serving engine (requests decoded together, continuous
+        batching); with a custom `generate_fn`, prompts per call.
       limit: evaluate only the first `limit` samples of each task file.
       use_chat_template / enable_thinking: chat-template use (skipped anyway for few-shot and
         code tasks) and Qwen3's thinking switch (False = non-thinking, our default).
-      load_fn / generate_fn: defaults `elastic_jax.load_model` / `elastic_jax.generate`.
+      load_fn: default `elastic_jax.load_model`. generate_fn: None (default) runs the serving
+        engine; a `generate`-like callable (e.g. `elastic_jax.generate_static` or a fake in
+        tests) gets the prompts in batches of `batch_size` instead.
       compare_paper: model name in data/paper_results.json to put beside our numbers.
       paper_elastic_row: the paper row our "elastic" mode is compared with (default
         "EA (FA-SSA)").
@@ -381,7 +460,6 @@ def run_longbench(
             _finished_ids(mode_dir / f"{run.key}.jsonl", data[run.key], repair=False)
 
     load = load_fn or (_default_load_fn() if is_path else None)
-    gen = generate_fn or _default_generate_fn()
     for mode in modes:
         model = None
         gc.collect()  # drop the previous mode's model before loading the next
@@ -390,7 +468,8 @@ def run_longbench(
         else:
             model = model_or_path
         resolved = max_length if max_length is not None else default_max_length(model)
-        _check_model(model, resolved, runs, opts)
+        need = _check_model(model, resolved, runs, opts)
+        engine = None if generate_fn is not None else _make_engine(model, batch_size, need, runs)
         mode_dir = _mode_dir(out, mode)
         config = {**base_config, "attention_mode": mode, "max_length": resolved}
         _check_resume_config(mode_dir, config)
@@ -404,12 +483,19 @@ def run_longbench(
             for run in runs:
                 bar.set_postfix_str(run.key)
                 pred_path = mode_dir / f"{run.key}.jsonl"
-                _run_task(model, gen, run, pending[run.key], pred_path, opts, resolved, bar)
+                if engine is not None:
+                    _run_task_engine(
+                        engine, model, run, pending[run.key], pred_path, opts, resolved, bar
+                    )
+                else:
+                    _run_task(
+                        model, generate_fn, run, pending[run.key], pred_path, opts, resolved, bar
+                    )
                 if progress and pred_path.exists():
                     res = report.score_prediction_file(pred_path, run)
                     msg = f"[{mode}] {run.key}: {res.score:.2f} ({res.n} samples)"
                     tqdm.write(msg, file=sys.stderr)
-        model = None
+        model = engine = None
     gc.collect()
     if not write_report:
         return {}
