@@ -30,7 +30,10 @@ import math
 
 import jax
 
+from elastic_jax import params as params_lib
 from elastic_jax.config import ModelConfig, RuntimeConfig
+from elastic_jax.elastic_attention import estimate_kv_heads_per_pass, needs_estimate
+from pallas_kernels.xattn.api import scratch_bytes
 
 GIB = float(1 << 30)
 
@@ -61,8 +64,6 @@ def _itemsize(cfg: ModelConfig) -> int:
 def weight_bytes(cfg: ModelConfig) -> int:
     """Exact bytes of the parameter pytree (``params.abstract``: embeddings, untied lm_head,
     every layer's projections, MLP and norms, the router's weights when elastic)."""
-    from elastic_jax import params as params_lib
-
     leaves = jax.tree.leaves(params_lib.abstract(cfg))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
 
@@ -81,8 +82,6 @@ def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, page_size: int) -> 
 
 def _attention_path(cfg: ModelConfig, rt: RuntimeConfig) -> tuple[bool, bool]:
     """(elastic per-head path?, XAttention estimate runs?) under this config."""
-    from elastic_jax.elastic_attention import needs_estimate
-
     dense = rt.attention_mode == "dense" or (rt.attention_mode == "elastic" and not cfg.is_elastic)
     if dense:
         return False, False
@@ -94,8 +93,6 @@ def prefill_terms(
 ) -> MemoryEstimate:
     """Predicted peak of one ``prefill_step`` over a [batch, prompt_len] bucket with a cache of
     ``capacity`` tokens per sequence (``prompt_len`` is the padded bucket length it runs at)."""
-    from elastic_jax.elastic_attention import estimate_kv_heads_per_pass
-    from pallas_kernels.xattn.api import scratch_bytes
 
     B, T = batch, prompt_len
     E, F, H, K, D = (

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from elastic_jax.loader import load_model
+from elastic_jax.serving import Engine
 
 from . import report
 from .dataset import load_task_data, read_predictions
+from .model_rules import official_max_length
 from .prompts import Tokenizer, build_prompt, stop_token_ids
 from .tasks import TaskRun, resolve_tasks
 
@@ -102,8 +104,6 @@ def default_max_length(model: Model) -> int:
             "max_length not given and the model config has no usable max_position_embeddings "
             f"({window!r}); pass max_length explicitly"
         )
-    from .model_rules import official_max_length
-
     return official_max_length(model.config, window)
 
 
@@ -303,8 +303,6 @@ def _run_task(
 def _make_engine(model: Model, batch_size: int, need: int | None, runs: Sequence[TaskRun]):
     """One serving engine for a mode: ``batch_size`` slots, each able to hold the longest sample
     (``need`` tokens; the pool holds ``batch_size`` of them)."""
-    from elastic_jax.serving import Engine
-
     cap = model.max_tokens if need is None else min(model.max_tokens, need)
     stops = max(len(stop_token_ids(r.spec, model.tokenizer)) for r in runs)
     return Engine(model, batch_size, max_request_tokens=cap, max_stop_ids=max(8, stops))
