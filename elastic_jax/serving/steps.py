@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from elastic_jax import model as model_lib
 from elastic_jax.config import ModelConfig, RuntimeConfig
+from elastic_jax.engine import DECODE_COMPILER_OPTIONS
 from elastic_jax.kv_cache import KVCache
 from elastic_jax.params import Params
 from elastic_jax.sampling import sample_rows
@@ -97,7 +98,10 @@ def prefill_insert(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "rt", "any_sampling"), donate_argnames=("pool",)
+    jax.jit,
+    static_argnames=("cfg", "rt", "any_sampling"),
+    donate_argnames=("pool",),
+    compiler_options=DECODE_COMPILER_OPTIONS,
 )
 def decode_slots(
     params: Params,
