@@ -488,7 +488,16 @@ def main(argv=None) -> dict:
     if "static" in sections:
         for batch, reqs in ((8, sub8), (1, sub1)):
             if reqs:
-                rows.append(run_static(dense, reqs, batch))
+                try:
+                    rows.append(run_static(dense, reqs, batch))
+                except Exception as e:  # noqa: BLE001 - an OOM here must not lose the engine rows
+                    rows.append(
+                        {
+                            "method": f"static b{batch}",
+                            "error": f"{type(e).__name__}: {str(e)[:200]}",
+                        }
+                    )
+                    gc.collect()
                 print(rows[-1], flush=True)
                 save()
     if "engine" in sections:
@@ -521,6 +530,9 @@ def _print_table(result: dict) -> None:
     head = f"{'method':15} {'reqs':>5} {'prompt':>7} {'budget':>6} {'wall s':>8} {'req/min':>8}"
     print(head + f" {'out tok/s':>9} {'queue mean s':>12} {'queue max s':>11} {'compiles':>8}")
     for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['method']:15} ERROR {r['error'][:100]}")
+            continue
         print(
             f"{r['method']:15} {r['requests']:>5} {r['mean_prompt']:>7.0f} {r['mean_budget']:>6.0f} "
             f"{r['wall_s']:>8.1f} {r['requests_per_min']:>8.2f} {r['output_tok_per_s']:>9.1f} "

@@ -149,6 +149,9 @@ def generate_static_iter(
         tokens[b, : len(p)] = p
         lengths[b] = len(p)
     capacity = engine.capacity_bucket(max(len(p) + m for p, m in zip(ids, budgets)), rt.page_size)
+    # No sequence grows past model.max_tokens (checked above): the power-of-two bucket is capped
+    # there (8 x 32K prompts with a 32K cap: 32K tokens each instead of 64K, so batch 8 fits).
+    capacity = min(capacity, -(-model.max_tokens // rt.page_size) * rt.page_size)
     if model.mesh is None:  # one device: fail before any work when the request cannot fit
         memory.check_fits(cfg, rt, T, B, capacity)
     cache = sharding.create_cache(cfg, B, capacity, model.mesh, page_size=rt.page_size)
