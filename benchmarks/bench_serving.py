@@ -38,7 +38,7 @@ that admitted nothing with every slot busy (one step behind, so it is the device
 against the HBM-bound ideal (weights + the running requests' K/V read once per step at the
 device's peak HBM bandwidth).
 
-Order: hf (if asked), static b8, static b1, engine elastic, engine dense; the JSON is rewritten
+Order: hf (if asked), engine elastic, static b8, static b1, engine dense; the JSON is rewritten
 after each, so a run cut off keeps what it measured. Budget (H100, 4b defaults, estimated, not
 measured yet): engine ~1.5-2 min per mode + compile (5 prefill buckets + 1 decode step per mode),
 static ~1.5 min with compile, so ~6-7 min; --sections hf alone ~2.5 min. Shrink with --requests, --max-prompt, --shape tiny (CPU smoke:
@@ -485,32 +485,35 @@ def main(argv=None) -> dict:
         if name in dev.device_kind:
             meta["datasheet_hbm_tb_s"] = bw / 1e12
             hbm = hbm or bw
-    if "static" in sections:
-        for batch, reqs in ((8, sub8), (1, sub1)):
-            if reqs:
-                try:
-                    rows.append(run_static(dense, reqs, batch))
-                except Exception as e:  # noqa: BLE001 - an OOM here must not lose the engine rows
-                    rows.append(
-                        {
-                            "method": f"static b{batch}",
-                            "error": f"{type(e).__name__}: {str(e)[:200]}",
-                        }
-                    )
-                    gc.collect()
-                print(rows[-1], flush=True)
-                save()
+    pool = args.pool_tokens or args.slots * args.max_prompt
+
+    def engine_row(label, model):
+        row, steady = run_engine(model, work, args.slots, pool, args.max_prompt)
+        gc.collect()  # the engine's pool goes before the next one is allocated
+        row["method"] = label
+        if label == "engine elastic":
+            result["decode_step"] = decode_ideal(model, steady, hbm)
+        return row
+
+    def static_row(batch, reqs):
+        try:
+            return run_static(dense, reqs, batch)
+        except Exception as e:  # noqa: BLE001 - an OOM here must not lose the other rows
+            gc.collect()
+            return {"method": f"static b{batch}", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+    # The product first, then its baselines, so a run cut off by its time limit keeps the most.
+    methods = []
     if "engine" in sections:
-        pool = args.pool_tokens or args.slots * args.max_prompt
-        for label, model in (("engine elastic", base), ("engine dense", dense)):
-            row, steady = run_engine(model, work, args.slots, pool, args.max_prompt)
-            gc.collect()  # the engine's pool goes before the next one is allocated
-            row["method"] = label
-            rows.append(row)
-            if label == "engine elastic":
-                result["decode_step"] = decode_ideal(model, steady, hbm)
-            print(row, flush=True)
-            save()
+        methods.append(lambda: engine_row("engine elastic", base))
+    if "static" in sections:
+        methods += [lambda b=b, r=r: static_row(b, r) for b, r in ((8, sub8), (1, sub1)) if r]
+    if "engine" in sections:
+        methods.append(lambda: engine_row("engine dense", dense))
+    for method in methods:
+        rows.append(method())
+        print(rows[-1], flush=True)
+        save()
     save()
     _print_table(result)
     return result

@@ -31,7 +31,7 @@ def test_tiny_run(tmp_path):
     )  # fmt: skip
     saved = json.loads(out.read_text())
     methods = [r["method"] for r in saved["rows"]]
-    assert methods == ["static b8", "static b1", "engine elastic", "engine dense"]
+    assert methods == ["engine elastic", "static b8", "static b1", "engine dense"]
     for r in saved["rows"]:
         assert r["compiles"] == 0 and r["requests_per_min"] > 0
     eng = saved["rows"][2]
