@@ -433,7 +433,7 @@ def main(argv=None) -> dict:
 
     def save() -> None:  # after every section, so a cut-off run keeps what it measured
         meta["total_s"] = time.perf_counter() - t_start
-        by = {r["method"]: r for r in rows}
+        by = {r["method"]: r for r in rows if "error" not in r}
         for eng_name in ("engine elastic", "engine dense"):
             for other in ("static b1", "static b8", "hf b1"):
                 if eng_name in by and other in by:

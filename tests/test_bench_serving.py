@@ -34,10 +34,32 @@ def test_tiny_run(tmp_path):
     assert methods == ["engine elastic", "static b8", "static b1", "engine dense"]
     for r in saved["rows"]:
         assert r["compiles"] == 0 and r["requests_per_min"] > 0
-    eng = saved["rows"][2]
+    eng = saved["rows"][0]
     assert eng["requests"] == 7 and eng["output_tokens"] == sum(
         min(bs.LONGBENCH_E_BUDGETS[t], 5)
         for t in [w.task for w in bs.make_workload(7, 256, 512, max_new_cap=5)]
     )
     assert saved["meta"]["shape"] == "tiny" and "engine dense / static b8" in saved["ratios"]
     assert res["rows"] == saved["rows"]
+
+
+def test_a_failed_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (simulated)")
+
+    monkeypatch.setattr(bs, "run_static", out_of_memory)
+    out = tmp_path / "serving.json"
+    bs.main(
+        ["--shape", "tiny", "--requests", "3", "--max-prompt", "256", "--max-new-cap", "2",
+         "--slots", "2", "--static-b8-requests", "2", "--static-b1-requests", "1",
+         "--sections", "engine,static", "--out", str(out)]
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == [
+        "engine elastic",
+        "static b8",
+        "static b1",
+        "engine dense",
+    ]
+    assert "RESOURCE_EXHAUSTED" in rows[1]["error"] and "RESOURCE_EXHAUSTED" in rows[2]["error"]
+    assert rows[0]["requests"] == 3 and rows[3]["requests_per_min"] > 0
