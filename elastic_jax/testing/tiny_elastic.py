@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ def make_tiny_pawqwen3(
     elastic: dict[str, Any] | None = None,
     training_only_tensors: bool = True,
     mixed_router: bool = True,
+    backbone: str | Path | None = None,
+    calibration_device: str = "cpu",
     **qwen3_overrides: Any,
 ) -> Path:
     """Write a tiny random PawQwen3ForCausalLM checkpoint to ``out_dir``.
@@ -86,6 +89,11 @@ def make_tiny_pawqwen3(
       training_only_tensors: also write ``mask_allocator.log_temp`` (scalar),
         ``self_attn.attn_mask_log_alphas`` [K] and ``mask_allocator.task_embedding.weight`` [4, D].
       mixed_router: calibrate the router so that both classes occur (module docstring).
+      backbone: an existing Qwen3 checkpoint directory (from ``make_tiny_qwen3``) to copy instead
+        of building one; ``seed`` and ``qwen3_overrides`` are then unused. Large test models
+        build their backbone once and share it between the Qwen3 and PawQwen3 variants.
+      calibration_device: torch device of the calibration forward passes ("cuda" for large
+        models on a GPU machine).
       **qwen3_overrides: passed to ``make_tiny_qwen3`` (``dtype``, ``max_shard_size``,
         ``num_key_value_heads``, ``num_hidden_layers``, ``head_dim``, ...).
     Returns:
@@ -93,7 +101,12 @@ def make_tiny_pawqwen3(
     """
     import torch
 
-    out = make_tiny_qwen3(out_dir, seed=seed, **qwen3_overrides)
+    if backbone is None:
+        out = make_tiny_qwen3(out_dir, seed=seed, **qwen3_overrides)
+    else:
+        if qwen3_overrides:
+            raise ValueError(f"backbone= given: Qwen3 overrides {sorted(qwen3_overrides)} unused")
+        out = Path(shutil.copytree(backbone, out_dir))
     router_seed = seed + 1 if router_seed is None else router_seed
     cfg_path = out / "config.json"
     hf = json.loads(cfg_path.read_text())
@@ -109,7 +122,7 @@ def make_tiny_pawqwen3(
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
     gen = torch.Generator().manual_seed(router_seed)
-    pooled = _calibration_pooled_keys(out, gen) if mixed_router else None
+    pooled = _calibration_pooled_keys(out, gen, calibration_device) if mixed_router else None
     new: dict[str, torch.Tensor] = {}
     for layer in range(num_layers):
         weights = _router_weights(
@@ -196,18 +209,19 @@ def _add_tensors(ckpt: Path, new: dict) -> None:
         index_path.write_text(json.dumps(index, indent=2))
 
 
-def _calibration_pooled_keys(ckpt: Path, gen) -> list:
-    """Per layer: ctx_q-pooled pre-RoPE keys [N, D] (fp32) of random prompts run through the
-    backbone with transformers (hooks on every layer's k_norm, whose output is [B, T, K, D])."""
+def _calibration_pooled_keys(ckpt: Path, gen, device: str = "cpu") -> list:
+    """Per layer: ctx_q-pooled pre-RoPE keys [N, D] (fp32, on the CPU) of random prompts run
+    through the backbone with transformers (hooks on every layer's k_norm, whose output is
+    [B, T, K, D]). Only the decoder runs: the LM head's logits are not needed."""
     import torch
     from transformers import Qwen3ForCausalLM
 
-    model = Qwen3ForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    model = Qwen3ForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval().to(device)
     layers = model.model.layers
     captured: list[list] = [[] for _ in layers]
     hooks = [
         layer.self_attn.k_norm.register_forward_hook(
-            lambda _m, _i, out, idx=i: captured[idx].append(out.detach())
+            lambda _m, _i, out, idx=i: captured[idx].append(out.detach().cpu())
         )
         for i, layer in enumerate(layers)
     ]
@@ -215,10 +229,13 @@ def _calibration_pooled_keys(ckpt: Path, gen) -> list:
         with torch.no_grad():
             for batch, length in _CALIB_SHAPES:
                 ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
-                model(input_ids=ids)
+                model.model(input_ids=ids.to(device))
     finally:
         for h in hooks:
             h.remove()
+        del model
+        if device != "cpu":
+            torch.cuda.empty_cache()  # give the memory back (JAX shares the GPU)
     pooled = []
     for keys in captured:
         per_layer = []
