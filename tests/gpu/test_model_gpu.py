@@ -222,10 +222,10 @@ def check_generate(ck: mc.Checkpoints, plan: Plan) -> None:
     # page), one crossing a page edge while decoding, decoding past the prompt bucket, batch > 1.
     assert any(m % page == 0 for m in lengths)
     assert any(m % page and m % page + n > page for m in lengths)
-    assert max(lengths) + n > engine.prompt_bucket(max(lengths), 8192)
     assert len(lengths) > 1
     for name, prefill_impl, decode_impl in plan.generate_runs:
         model = load_model(ck.qwen_bf16 if name == "qwen" else ck.paw_bf16, page_size=page)
+        assert max(lengths) + n > engine.prompt_bucket(max(lengths), model.runtime.prefill_chunk)
         tokens, _ = mc.random_tokens(3, lengths, model.config.vocab_size)
         prompts = [row[:m].tolist() for row, m in zip(tokens, lengths)]
         ref = model.with_runtime(prefill_impl="reference", decode_impl="reference")
