@@ -127,8 +127,8 @@ def dense_prefill_kernel(q: jax.Array, rt: RuntimeConfig) -> str:
     impl = rt.prefill_impl
     if impl in ("reference", "xla") or (impl == "auto" and not _on_gpu()):
         return "reference"
-    if impl == "cudnn":
-        return "cudnn"
+    if impl in ("cudnn", "triton"):
+        return impl
     from pallas_kernels.block_sparse_attn.api import mosaic_supported
 
     if _on_gpu() and mosaic_supported(q):

@@ -352,7 +352,7 @@ def _llama3_inv_freq(inv_freq: np.ndarray, r: RopeConfig) -> np.ndarray:
 # -------------------------------------------------------------------- runtime options
 
 ATTENTION_MODES = ("elastic", "dense", "streaming", "xattn")
-PREFILL_IMPLS = ("auto", "reference", "pallas", "cudnn", "xla")
+PREFILL_IMPLS = ("auto", "reference", "pallas", "triton", "cudnn", "xla")
 DECODE_IMPLS = ("auto", "reference", "pallas")
 
 
@@ -365,8 +365,9 @@ class RuntimeConfig:
       "xattn" force every head into one mode regardless of the router (paper baselines).
     prefill_impl: "auto" (GPU: Pallas kernels; all-dense prefill through our block-sparse kernel
       with every head dense on Hopper, cuDNN on other GPUs; CPU: references), "reference"
-      (pure jnp), "pallas" (Pallas kernels only), "cudnn" (cuDNN for all-dense prefill),
-      "xla" (our chunked jnp dense attention).
+      (pure jnp), "pallas" (Pallas kernels only), "triton" (the Pallas Triton kernels even on
+      Hopper: the path of other GPUs, kept reachable for tests), "cudnn" (cuDNN for all-dense
+      prefill), "xla" (our chunked jnp dense attention).
     decode_impl: "auto" (GPU: Pallas paged decode kernel; CPU: reference), "reference", "pallas".
     prefill_chunk: tokens per chunk for the MLP of prefill (and the reference attention's query
       tiles): bounds memory for long prompts; prompt buckets above it are its multiples.

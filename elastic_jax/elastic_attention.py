@@ -20,10 +20,11 @@ from pallas_kernels._compat import on_gpu
 
 def _kernel_impls(impl: str) -> tuple[str, str]:
     """(xattn implementation, block-sparse implementation) for a resolved prefill impl.
-    "pallas" off the GPU runs the Pallas Triton kernels in interpret mode (tests)."""
+    "pallas" off the GPU, and "triton" anywhere, run the Pallas Triton kernels (interpret mode off
+    the GPU)."""
     if impl in ("reference", "xla"):
         return "reference", "reference"
-    return ("auto", "auto") if on_gpu() else ("pallas_triton", "pallas_triton")
+    return ("auto", "auto") if on_gpu() and impl != "triton" else ("pallas_triton", "pallas_triton")
 
 
 # Scratch budget of one XAttention estimate pass (its buffers grow as T^2, see

@@ -268,7 +268,7 @@ def test_cli_generates(tiny_qwen3, capsys):
 @pytest.mark.parametrize(
     "impl, kernel",
     [("auto", "reference"), ("reference", "reference"), ("xla", "reference"),
-     ("pallas", "triton"), ("cudnn", "cudnn")],
+     ("pallas", "triton"), ("triton", "triton"), ("cudnn", "cudnn")],
 )  # fmt: skip
 def test_dense_prefill_kernel_choice_on_cpu(impl, kernel):
     from elastic_jax.attention import dense_prefill_kernel

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,8 @@ def make_tiny_pawqwen3(
     training_only_tensors: bool = True,
     mixed_router: bool = True,
     family: str = "qwen3",
+    backbone: str | Path | None = None,
+    calibration_device: str = "cpu",
     **qwen3_overrides: Any,
 ) -> Path:
     """Write a tiny random PawQwen3ForCausalLM (or, with ``family="llama"``,
@@ -98,6 +101,12 @@ def make_tiny_pawqwen3(
         ``self_attn.attn_mask_log_alphas`` [K] and ``mask_allocator.task_embedding.weight`` [4, D].
       mixed_router: calibrate the router so that both classes occur (module docstring).
       family: backbone, "qwen3" or "llama" (``make_tiny_pawllama``).
+      backbone: an existing checkpoint directory of that family (from ``make_tiny_qwen3`` /
+        ``make_tiny_llama``) to copy instead of building one; ``seed`` and ``qwen3_overrides``
+        are then unused. Large test models build their backbone once and share it between the
+        plain and elastic variants.
+      calibration_device: torch device of the calibration forward passes ("cuda" for large
+        models on a GPU machine).
       **qwen3_overrides: passed to the backbone builder, ``make_tiny_qwen3`` or
         ``make_tiny_llama`` (``dtype``, ``max_shard_size``, ``num_key_value_heads``,
         ``num_hidden_layers``, ``head_dim``, ``rope_scaling``, ...).
@@ -109,7 +118,12 @@ def make_tiny_pawqwen3(
     if family not in _FAMILIES:
         raise ValueError(f"family={family!r}; allowed: {sorted(_FAMILIES)}")
     make_backbone, architecture, model_type = _FAMILIES[family]
-    out = make_backbone(out_dir, seed=seed, **qwen3_overrides)
+    if backbone is None:
+        out = make_backbone(out_dir, seed=seed, **qwen3_overrides)
+    else:
+        if qwen3_overrides:
+            raise ValueError(f"backbone= given: overrides {sorted(qwen3_overrides)} unused")
+        out = Path(shutil.copytree(backbone, out_dir))
     router_seed = seed + 1 if router_seed is None else router_seed
     cfg_path = out / "config.json"
     hf = json.loads(cfg_path.read_text())
@@ -125,7 +139,7 @@ def make_tiny_pawqwen3(
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
     gen = torch.Generator().manual_seed(router_seed)
-    pooled = _calibration_pooled_keys(out, gen) if mixed_router else None
+    pooled = _calibration_pooled_keys(out, gen, calibration_device) if mixed_router else None
     new: dict[str, torch.Tensor] = {}
     for layer in range(num_layers):
         weights = _router_weights(
@@ -218,21 +232,22 @@ def _add_tensors(ckpt: Path, new: dict) -> None:
         index_path.write_text(json.dumps(index, indent=2))
 
 
-def _calibration_pooled_keys(ckpt: Path, gen) -> list:
-    """Per layer: ctx_q-pooled pre-RoPE keys [N, D] (fp32) of random prompts run through the
-    backbone with transformers (hooks on every layer's k_norm (Qwen3) or k_proj (Llama): the
-    keys the router pools, reshaped to [B, T, K, D])."""
+def _calibration_pooled_keys(ckpt: Path, gen, device: str = "cpu") -> list:
+    """Per layer: ctx_q-pooled pre-RoPE keys [N, D] (fp32, on the CPU) of random prompts run
+    through the backbone with transformers (hooks on every layer's k_norm (Qwen3) or k_proj
+    (Llama): the keys the router pools, reshaped to [B, T, K, D]). Only the decoder runs: the LM
+    head's logits are not needed."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval().to(device)
     layers = model.model.layers
     head_dim = model.config.head_dim
     captured: list[list] = [[] for _ in layers]
 
     def hook(idx):
         def fn(_m, _i, out):
-            captured[idx].append(out.detach().reshape(*out.shape[:2], -1, head_dim))
+            captured[idx].append(out.detach().reshape(*out.shape[:2], -1, head_dim).cpu())
 
         return fn
 
@@ -244,10 +259,13 @@ def _calibration_pooled_keys(ckpt: Path, gen) -> list:
         with torch.no_grad():
             for batch, length in _CALIB_SHAPES:
                 ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
-                model(input_ids=ids)
+                model.model(input_ids=ids.to(device))
     finally:
         for h in hooks:
             h.remove()
+        del model
+        if device != "cpu":
+            torch.cuda.empty_cache()  # give the memory back (JAX shares the GPU)
     pooled = []
     for keys in captured:
         per_layer = []
