@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.shapes import SHAPES
+from benchmarks.shapes import SHAPES, hf_config_kwargs
 
 
 def build(shape: str, device: str = "cuda"):
@@ -26,14 +26,7 @@ def build(shape: str, device: str = "cuda"):
 
     s = SHAPES[shape]
     cfg = Qwen3Config(
-        vocab_size=s["vocab_size"],
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"],
-        num_key_value_heads=s["num_kv_heads"],
-        head_dim=s["head_dim"],
-        tie_word_embeddings=s["tie_word_embeddings"],
+        **hf_config_kwargs(s),
         max_position_embeddings=262144,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         attn_implementation="sdpa",

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.shapes import LLAMA31_ROPE, LLAMA_RMS_NORM_EPS, LLAMA_SHAPES
+from benchmarks.shapes import LLAMA31_ROPE, LLAMA_RMS_NORM_EPS, LLAMA_SHAPES, hf_config_kwargs
 
 # The paper's two end-to-end settings: (retrieval_mode, toggle_type), ESR, reported speed-up.
 SETTINGS = {
@@ -148,14 +148,7 @@ def build_hf(shape: str, device: str):
 
     s = LLAMA_SHAPES[shape]
     cfg = LlamaConfig(
-        vocab_size=s["vocab_size"],
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"],
-        num_key_value_heads=s["num_kv_heads"],
-        head_dim=s["head_dim"],
-        tie_word_embeddings=s["tie_word_embeddings"],
+        **hf_config_kwargs(s),
         max_position_embeddings=131072,
         rms_norm_eps=LLAMA_RMS_NORM_EPS,
         rope_parameters={"rope_type": "llama3", **LLAMA31_ROPE},

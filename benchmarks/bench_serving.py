@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.shapes import SHAPES
+from benchmarks.shapes import SHAPES, hf_config_kwargs
 
 LONGBENCH_E_BUDGETS = {  # dataset2maxlen of the 13 LongBench-E tasks (LONGBENCH.md 1.1)
     "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32, "2wikimqa": 32, "gov_report": 512,
@@ -166,14 +166,7 @@ def hf_worker(spec_path: str, out_path: str) -> None:
         return
     s = SHAPES[spec["shape"]]
     cfg = Qwen3Config(
-        vocab_size=s["vocab_size"],
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"],
-        num_key_value_heads=s["num_kv_heads"],
-        head_dim=s["head_dim"],
-        tie_word_embeddings=s["tie_word_embeddings"],
+        **hf_config_kwargs(s),
         max_position_embeddings=262144,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         attn_implementation="sdpa",

@@ -68,3 +68,17 @@ LLAMA31_ROPE = dict(
     original_max_position_embeddings=8192,
 )
 LLAMA_RMS_NORM_EPS = 1e-5
+
+
+def hf_config_kwargs(shape: dict) -> dict:
+    """The transformers config fields (Qwen3Config / LlamaConfig) of one of our shape dicts."""
+    return dict(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        head_dim=shape["head_dim"],
+        tie_word_embeddings=shape["tie_word_embeddings"],
+    )
