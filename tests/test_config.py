@@ -99,7 +99,7 @@ def test_config_round_trip():
 
 
 def test_runtime_config_validation():
-    with pytest.raises(ValueError, match="prefill_impl='triton'; allowed"):
-        RuntimeConfig(prefill_impl="triton")
+    with pytest.raises(ValueError, match="prefill_impl='mosaic'; allowed"):
+        RuntimeConfig(prefill_impl="mosaic")
     with pytest.raises(ValueError, match="page_size=100 must be a positive power of two"):
         RuntimeConfig(page_size=100)
