@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax import engine as buckets
-from elastic_jax import kv_cache
+from elastic_jax import kv_cache, memory
 from elastic_jax.loader import Model
 from elastic_jax.sampling import SamplingParams
 from elastic_jax.serving import steps
@@ -193,6 +193,15 @@ class Engine:
         if max_tokens_in_pool is not None:
             num_pages = -(-max_tokens_in_pool // N)
         self.allocator = PageAllocator(S * M if num_pages is None else num_pages)
+        # Before any device work: the pool plus the batch-1 prefill of the longest prompt this
+        # engine accepts must fit the device (elastic_jax/memory.py; no check on the CPU).
+        memory.check_fits(
+            cfg,
+            rt,
+            buckets.prompt_bucket(self.max_request_tokens - 1, rt.prefill_chunk),
+            1,
+            (self.allocator.num_pages + 1) * N,
+        )
         trash = self.allocator.trash_page
         self.max_stop_ids = max_stop_ids
         self.collect_info = collect_info

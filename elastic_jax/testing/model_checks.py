@@ -41,6 +41,8 @@ from elastic_jax.elastic_config import MODE_DENSE, MODE_XATTN
 from elastic_jax.layers import rope_cos_sin
 from elastic_jax.loader import Model
 from elastic_jax.params import Params
+from elastic_jax.testing.tiny import make_tiny_qwen3
+from elastic_jax.testing.tiny_elastic import make_tiny_pawqwen3
 
 # Tolerances -------------------------------------------------------------------------------------
 
@@ -125,8 +127,6 @@ def build_checkpoints(
     calibration_device: torch device of the router calibration passes.
     """
     from convert.hf_to_jax import convert
-    from elastic_jax.testing.tiny import make_tiny_qwen3
-    from elastic_jax.testing.tiny_elastic import make_tiny_pawqwen3
 
     root = Path(root)
     hf = make_tiny_qwen3(root / "qwen3_hf", seed=seed, dtype="float32", **dims)
