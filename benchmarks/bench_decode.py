@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_model import filled_cache, make_config, time_calls
+from benchmarks.bench_model import filled_cache, make_config, median_seconds, time_calls
 from benchmarks.shapes import SHAPES
 from elastic_jax import engine
 from elastic_jax.config import ModelConfig, RuntimeConfig
@@ -56,13 +56,8 @@ def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> dict[str, float]:
         ),
         "f32 neg": (jax.jit(lambda a: -a), jax.lax.bitcast_convert_type(x, jnp.float32)),
     }
-    best = 0.0
-    for f, a in variants.values():
-        jax.block_until_ready(f(a))
-        best = max(best, 2 * a.nbytes / statistics.median(time_calls(lambda f=f, a=a: f(a), reps)))
-    s = jax.jit(lambda a: jnp.sum(a, dtype=jnp.uint32))
-    jax.block_until_ready(s(x))
-    read = x.nbytes / statistics.median(time_calls(lambda: s(x), reps))
+    best = max(2 * a.nbytes / median_seconds(f, reps, a) for f, a in variants.values())
+    read = x.nbytes / median_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.uint32)), reps, x)
     return {"copy": best, "read": read}
 
 
@@ -194,13 +189,12 @@ def profile_step(run, steps: int) -> dict:
         "kernel_sum_ms": ksum / 1e3,
         "per_class_ms": {k: v / 1e3 for k, v in per_class.items()},
         "top_kernels_ms": [(n, us / 1e3) for n, us in top],
-        "kernels_per_step": None,
     }
 
 
 def gemv_table(params: Params, cfg: ModelConfig, batch: int, copy_bw: float) -> list[dict]:
-    """Each distinct weight matrix of a layer (and the LM head) times a [batch, in] activation,
-    alone, 36 different layers' copies cycled so the L2 does not hold the weight."""
+    """Each distinct weight matrix of a layer times a [batch, in] activation, alone, the layers'
+    copies cycled so the L2 does not hold the weight; then the LM head (``lm_head_variants``)."""
     rows = []
     lp = params.layers
     mats = {
@@ -213,33 +207,17 @@ def gemv_table(params: Params, cfg: ModelConfig, batch: int, copy_bw: float) -> 
     for name, w in mats.items():
         x = jnp.ones((batch, w.shape[1]), w.dtype)
         f = jax.jit(lambda x, w: [x @ w[i] for i in range(w.shape[0])])
-        jax.block_until_ready(f(x, w))
-        t = statistics.median(time_calls(lambda x=x, w=w, f=f: f(x, w), 10)) / w.shape[0]
-        nbytes = w[0].nbytes
-        rows.append(
-            {
-                "matrix": name,
-                "shape": list(w.shape[1:]),
-                "us": t * 1e6,
-                "tb_s": nbytes / t / 1e12,
-                "of_copy_bw": nbytes / t / copy_bw,
-            }
-        )
-    head = params.embed.T if params.lm_head is None else params.lm_head
-    x = jnp.ones((batch, head.shape[0]), head.dtype)
-    f = jax.jit(lambda x, w: jnp.einsum("be,ev->bv", x, w, preferred_element_type=jnp.float32))
-    jax.block_until_ready(f(x, head))
-    t = statistics.median(time_calls(lambda: f(x, head), 10))
-    rows.append(
-        {
-            "matrix": "lm_head",
-            "shape": list(head.shape),
-            "us": t * 1e6,
-            "tb_s": head.nbytes / t / 1e12,
-            "of_copy_bw": head.nbytes / t / copy_bw,
-        }
-    )
-    return rows
+        t = median_seconds(f, 10, x, w) / w.shape[0]
+        rows.append({"matrix": name, "shape": list(w.shape[1:]), **_rates(w[0].nbytes, t, copy_bw)})
+    return rows + lm_head_variants(params, cfg, batch, copy_bw)
+
+
+def _rates(nbytes: int, seconds: float, copy_bw: float) -> dict:
+    return {
+        "us": seconds * 1e6,
+        "tb_s": nbytes / seconds / 1e12,
+        "of_copy_bw": nbytes / seconds / copy_bw,
+    }
 
 
 def dump_hlo(params, cfg, rt, batch: int, context: int, out_dir: str) -> None:
@@ -261,7 +239,7 @@ def dump_hlo(params, cfg, rt, batch: int, context: int, out_dir: str) -> None:
         f.write(text)
 
 
-def lm_head_variants(params: Params, cfg: ModelConfig, batch: int) -> list[dict]:
+def lm_head_variants(params: Params, cfg: ModelConfig, batch: int, copy_bw: float) -> list[dict]:
     """The LM head GEMV written three ways (which one XLA lowers to the fastest kernel)."""
     tied = params.lm_head is None
     w = params.embed if tied else params.lm_head  # [V, E] tied, [E, V] untied
@@ -277,13 +255,11 @@ def lm_head_variants(params: Params, cfg: ModelConfig, batch: int) -> list[dict]
             preferred_element_type=jnp.float32,
         )[: x.shape[0]],
     }
-    rows = []
-    for name, fn in fns.items():
-        f = jax.jit(fn)
-        jax.block_until_ready(f(x, w))
-        t = statistics.median(time_calls(lambda f=f: f(x, w), 10))
-        rows.append({"matrix": f"lm_head ({name})", "us": t * 1e6, "tb_s": w.nbytes / t / 1e12})
-    return rows
+    return [
+        {"matrix": f"lm_head ({name})", "shape": list(w.shape),
+         **_rates(w.nbytes, median_seconds(jax.jit(fn), 10, x, w), copy_bw)}
+        for name, fn in fns.items()
+    ]  # fmt: skip
 
 
 def parse_configs(spec: str) -> list[tuple[str, int, int]]:
@@ -378,9 +354,7 @@ def main(argv=None):
         if args.dump_hlo:
             dump_hlo(params, cfg, rt, batch, context, args.dump_hlo)
         if args.gemv and (shape, batch) not in gemv:
-            gemv[(shape, batch)] = gemv_table(params, cfg, batch, copy_bw) + lm_head_variants(
-                params, cfg, batch
-            )
+            gemv[(shape, batch)] = gemv_table(params, cfg, batch, copy_bw)
     meta = {
         "device": dev.device_kind,
         "jax": jax.__version__,

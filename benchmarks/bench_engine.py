@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,8 @@ from benchmarks.bench_model import (
     decode_caller,
     decode_capacity,
     make_config,
+    median_seconds,
     prefill_caller,
-    time_calls,
 )
 from benchmarks.profiling import device_kernel_times
 from benchmarks.shapes import SHAPES
@@ -68,12 +67,6 @@ _CUDNN = "cudnn" if jax.default_backend() == "gpu" else None
 _DENSE_IMPLS = ("cudnn", "pallas") if jax.default_backend() == "gpu" else ("xla", "pallas")
 
 
-def _median_s(fn, reps: int, *args) -> float:
-    """Median seconds of ``fn(*args)`` over ``reps`` calls after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    return statistics.median(time_calls(lambda: fn(*args), reps))
-
-
 def gemm_flops_per_token(shape: str) -> float:
     s = SHAPES[shape]
     E, F, H, K, D = (
@@ -95,7 +88,7 @@ def measure_parts(shape: str, lengths: list[int], reps: int) -> list[dict]:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda x, y: x @ y)
-    sec = _median_s(mm, 10, a, b)
+    sec = median_seconds(mm, 10, a, b)
     rows.append({"part": f"gemm_{n}^3", "ms": sec * 1e3, "tflops": 2 * n**3 / sec / 1e12})
     print(rows[-1], flush=True)
     s = SHAPES[shape]
@@ -113,7 +106,7 @@ def measure_parts(shape: str, lengths: list[int], reps: int) -> list[dict]:
                 q, k, v, is_causal=True, implementation=_CUDNN
             )
         )
-        t_att = _median_s(att, reps, q, k, v)
+        t_att = median_seconds(att, reps, q, k, v)
         est = jax.jit(
             lambda q, k: (
                 xattn_select(
@@ -121,7 +114,7 @@ def measure_parts(shape: str, lengths: list[int], reps: int) -> list[dict]:
                 ).block_counts
             )
         )
-        t_est = _median_s(est, reps, q, k)
+        t_est = median_seconds(est, reps, q, k)
         t_router = _router_in_jit(cfg, rparams, k, H, reps)
         flops = 4 * H * D * T * (T + 1) / 2
         rows.append(
@@ -156,7 +149,7 @@ def _router_in_jit(cfg, rparams, k, num_heads: int, reps: int) -> float:
 
         return jax.lax.scan(body, 0, (rparams, jnp.arange(L, dtype=jnp.int32)))[1]
 
-    return _median_s(jax.jit(all_layers), reps, k_big, n_valid) / L
+    return median_seconds(jax.jit(all_layers), reps, k_big, n_valid) / L
 
 
 def run_prefill(shape, lengths, densities, density_lengths, reps, dense_impls=_DENSE_IMPLS):
@@ -254,9 +247,9 @@ def layer_breakdown(shape: str, T: int, reps: int) -> list[dict]:
                 holder[0], holder[1] = fn(holder[0], holder[1], k, v)
                 return holder[0]
 
-            sec = _median_s(call, reps)
+            sec = median_seconds(call, reps)
         else:
-            sec = _median_s(fn, reps, *args)
+            sec = median_seconds(fn, reps, *args)
         rows.append({"part": "layer_breakdown", "tokens": T, "piece": name, "ms": sec * 1e3})
         print(rows[-1], flush=True)
     return rows

@@ -55,6 +55,12 @@ def time_calls(fn, reps: int) -> list[float]:
     return out
 
 
+def median_seconds(fn, reps: int, *args) -> float:
+    """Median seconds of ``fn(*args)`` over ``reps`` calls after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    return statistics.median(time_calls(lambda: fn(*args), reps))
+
+
 def prefill_caller(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, seed: int = 0):
     """``run() -> (logits, stats)``: one jitted prefill of a random T-token prompt (batch 1). The
     cache (T + 256 tokens) is donated to each call and replaced by the call's output."""
