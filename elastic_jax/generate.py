@@ -113,6 +113,24 @@ def _budgets_and_stops(
     return budgets, stops
 
 
+def _cache_capacity(model: Model, ids: list[list[int]], budgets: list[int]) -> int:
+    """Cache tokens per sequence: ``engine.capacity_bucket`` of the longest prompt + budget,
+    capped at ``model.max_tokens`` (rounded to pages), which no sequence grows past (checked in
+    ``_budgets_and_stops``): 8 x 32K prompts with a 32K cap get 32K tokens each, not 64K."""
+    N = model.runtime.page_size
+    capacity = engine.capacity_bucket(max(len(p) + m for p, m in zip(ids, budgets)), N)
+    return min(capacity, -(-model.max_tokens // N) * N)
+
+
+def _run_to_end(it: Iterator[TokenEvent]) -> GenerationResult:
+    """Exhaust a generation iterator; its return value is the result."""
+    while True:
+        try:
+            next(it)
+        except StopIteration as stop:
+            return stop.value
+
+
 def generate_static_iter(
     model: Model,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -148,10 +166,7 @@ def generate_static_iter(
     for b, p in enumerate(ids):
         tokens[b, : len(p)] = p
         lengths[b] = len(p)
-    capacity = engine.capacity_bucket(max(len(p) + m for p, m in zip(ids, budgets)), rt.page_size)
-    # No sequence grows past model.max_tokens (checked above): the power-of-two bucket is capped
-    # there (8 x 32K prompts with a 32K cap: 32K tokens each instead of 64K, so batch 8 fits).
-    capacity = min(capacity, -(-model.max_tokens // rt.page_size) * rt.page_size)
+    capacity = _cache_capacity(model, ids, budgets)
     if model.mesh is None:  # one device: fail before any work when the request cannot fit
         memory.check_fits(cfg, rt, T, B, capacity)
     cache = sharding.create_cache(cfg, B, capacity, model.mesh, page_size=rt.page_size)
@@ -262,9 +277,7 @@ def _serve(
             else:
                 yield event
     S = num_slots or min(engine.batch_bucket(n), MAX_DEFAULT_SLOTS)
-    capacity = engine.capacity_bucket(
-        max(len(p) + m for p, m in zip(ids, budgets)), model.runtime.page_size
-    )
+    capacity = _cache_capacity(model, ids, budgets)
     eng = Engine(
         model,
         S,
@@ -321,12 +334,7 @@ def generate_iter(
 
 def generate_static(model: Model, prompts, **kwargs: Any) -> GenerationResult:
     """``generate`` through the former static path (``generate_static_iter``), no streaming."""
-    it = generate_static_iter(model, prompts, **kwargs)
-    while True:
-        try:
-            next(it)
-        except StopIteration as stop:
-            return stop.value
+    return _run_to_end(generate_static_iter(model, prompts, **kwargs))
 
 
 def generate(
@@ -357,12 +365,7 @@ def generate(
       ``GenerationResult`` with token ids, texts, per-request timings (queue, prefill and decode
       ms, decode tok/s).
     """
-    it = _serve(model, prompts, stream, **kwargs)
-    while True:
-        try:
-            next(it)
-        except StopIteration as stop:
-            return stop.value
+    return _run_to_end(_serve(model, prompts, stream, **kwargs))
 
 
 def stream_text(model: Model, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
