@@ -16,7 +16,7 @@ from convert.hf_to_jax import ConversionError, convert
 from elastic_jax import generate, load_model
 from elastic_jax.config import config_from_hf, rope_inv_freq
 from elastic_jax.model import forward_jit
-from elastic_jax.testing.tiny import TINY_LLAMA3_SCALING
+from elastic_jax.testing.tiny import TINY_LLAMA, TINY_LLAMA3_SCALING
 
 
 def _hf_logits(hf_dir, tokens: np.ndarray) -> np.ndarray:
@@ -37,15 +37,8 @@ def _our_logits(conv_dir, tokens: np.ndarray) -> np.ndarray:
 
 def _hf_config(**overrides) -> dict:
     base = dict(
+        TINY_LLAMA,
         architectures=["LlamaForCausalLM"],
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
         max_position_embeddings=131072,
         rope_scaling=dict(TINY_LLAMA3_SCALING, original_max_position_embeddings=8192),
     )
