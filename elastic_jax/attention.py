@@ -179,8 +179,8 @@ def decode_attention(
 
     q: [B, H, D]; k_new, v_new: [B, K, D] of the token being decoded (not in the cache yet);
     k_cache, v_cache: [L, K, P, N, D]; layer: int32 scalar; lengths: int32 [B] tokens already in
-    the cache. The cache part comes from the paged kernel with its log-sum-exp and the new key is
-    merged in exactly, so the decode step only reads the cache inside its layer loop and writes
+    the cache. The new key is an extra key of the paged kernel (it seeds the kernel's online
+    softmax), so the decode step only reads the cache inside its layer loop and writes
     all layers' new K/V once afterwards (an in-loop write made XLA copy the whole cache each
     step). Returns [B, H, D] in q.dtype.
     """
@@ -202,19 +202,15 @@ def _decode_attention_local(q, k_new, v_new, k_cache, v_cache, layer, page_table
     from pallas_kernels.paged_decode import api as pd
 
     impl = "pallas" if resolve_decode_impl(rt) == "pallas" else "reference"
-    o_cache, lse_cache = pd.paged_decode_attention(
-        q, k_cache, v_cache, page_table, lengths, layer, implementation=impl, return_lse=True
+    # The new token's K/V as the cache would store them (its dtype), attended as an extra key.
+    return pd.paged_decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        lengths,
+        layer,
+        k_extra=k_new.astype(k_cache.dtype),
+        v_extra=v_new.astype(v_cache.dtype),
+        implementation=impl,
     )
-    B, H, D = q.shape
-    K = k_new.shape[1]
-    # The new token's K/V as the cache would store them (its dtype).
-    k_new = k_new.astype(k_cache.dtype)
-    v_new = v_new.astype(v_cache.dtype)
-    s_new = jnp.einsum(
-        "bkgd,bkd->bkg", q.reshape(B, K, H // K, D), k_new, preferred_element_type=jnp.float32
-    ).reshape(B, H) / math.sqrt(D)
-    m = jnp.maximum(lse_cache, s_new)
-    w_cache, w_new = jnp.exp(lse_cache - m), jnp.exp(s_new - m)
-    v_heads = jnp.repeat(v_new, H // K, axis=1).astype(jnp.float32)  # [B, H, D]
-    o = o_cache.astype(jnp.float32) * w_cache[..., None] + v_heads * w_new[..., None]
-    return (o / (w_cache + w_new)[..., None]).astype(q.dtype)

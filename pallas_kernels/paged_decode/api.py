@@ -48,6 +48,20 @@ def _check_inputs(q, k_pages, v_pages, page_table, lengths, layer=None) -> None:
         )
 
 
+def _check_extra(q, k_pages, k_extra, v_extra) -> None:
+    if (k_extra is None) != (v_extra is None):
+        raise ValueError("k_extra and v_extra must be given together")
+    if k_extra is None:
+        return
+    batch, _, head_dim = q.shape
+    want = (batch, k_pages.shape[-4], head_dim)
+    for name, x in (("k_extra", k_extra), ("v_extra", v_extra)):
+        if x.shape != want:
+            raise ValueError(f"{name} must be [B, K, D] = {list(want)}, got shape {x.shape}")
+        if x.dtype != k_pages.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} must equal the cache dtype {k_pages.dtype}")
+
+
 def _check_pallas_shapes(k_pages: jax.Array) -> None:
     _, _, page_size, head_dim = k_pages.shape[-4:]
     for name, value in (("page size N", page_size), ("head dim D", head_dim)):
@@ -66,6 +80,8 @@ def paged_decode_attention(
     lengths: jax.Array,
     layer: jax.Array | int | None = None,
     *,
+    k_extra: jax.Array | None = None,
+    v_extra: jax.Array | None = None,
     sm_scale: float | None = None,
     pages_per_block: int | None = None,
     num_splits: int | None = None,
@@ -87,6 +103,10 @@ def paged_decode_attention(
         already written). Values above ``max_pages * N`` are clamped; 0 gives a zero output.
       layer: int32 scalar (may be traced) selecting the layer of a stacked cache; the kernel
         reads that layer in place (no copy of the layer's pages).
+      k_extra, v_extra: [B, K, D] (dtype of the cache) or None: one more key/value per sequence
+        and kv head that is not in the cache, always visible, after the cache's ``lengths[b]``
+        tokens. The decode step passes the token being decoded this way, so the cache stays
+        read-only inside its layer loop and no second merge follows the kernel.
       sm_scale: softmax scale, default ``1 / sqrt(D)``.
       pages_per_block, num_splits: override the tuned tiling (see ``PagedDecodeConfig``).
       implementation: ``"auto"`` (Pallas on GPU, reference elsewhere), ``"pallas"`` or
@@ -103,6 +123,7 @@ def paged_decode_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} not in {IMPLEMENTATIONS}")
     _check_inputs(q, k_pages, v_pages, page_table, lengths, layer)
+    _check_extra(q, k_pages, k_extra, v_extra)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
@@ -112,7 +133,15 @@ def paged_decode_attention(
         if layer is not None:
             k_pages, v_pages = k_pages[layer], v_pages[layer]
         return paged_decode_reference(
-            q, k_pages, v_pages, page_table, lengths, sm_scale=scale, return_lse=return_lse
+            q,
+            k_pages,
+            v_pages,
+            page_table,
+            lengths,
+            k_extra=k_extra,
+            v_extra=v_extra,
+            sm_scale=scale,
+            return_lse=return_lse,
         )
     if layer is not None:
         layer = jnp.asarray(layer, jnp.int32)
@@ -141,6 +170,8 @@ def paged_decode_attention(
         page_table,
         lengths,
         layer,
+        k_extra,
+        v_extra,
         sm_scale=scale,
         config=config,
         interpret=bool(interpret),

@@ -13,6 +13,11 @@ one partial block at the end runs masked, with its page ids clamped to the last 
 Splits write partial ``(acc, m, l)`` (``m`` in log2 units); a small jnp epilogue merges them.
 With ``num_splits == 1`` the kernel writes the normalised output directly.
 
+Optional extra keys (``k_extra``, ``v_extra``: one key/value per (sequence, kv head) that is not
+in the cache, i.e. the token being decoded) seed the online softmax of split 0, so the model's
+decode step needs no second merge of the new token after the kernel (that merge was 4-5 small
+XLA kernels per layer, a visible share of a batch-1 step).
+
 Index math: K/V stay 4-D refs indexed per axis (kv head by the BlockSpec, page id and token
 inside the kernel); the Pallas Triton lowering switches to 64-bit offsets once an array
 exceeds 2**32 bytes, so no flattened int32 product appears.
@@ -53,7 +58,9 @@ def _paged_decode_kernel(
     q_ref,  # [H, D] (sequence b)
     k_ref,  # [P, N, D] (kv head k), or [L, P, N, D] for a stacked cache
     v_ref,  # same as k_ref
-    *out_refs,  # partials: acc [Gp, D] f32, m [Gp] f32, l [Gp] f32; else o [Gp, D]
+    *refs,  # [kx [D], vx [D] when has_extra], then the outputs:
+    # partials: acc [Gp, D] f32, m [Gp] f32, l [Gp] f32; else o [Gp, D]
+    has_extra: bool,
     stacked: bool,
     partials: bool,
     group: int,
@@ -65,6 +72,7 @@ def _paged_decode_kernel(
     max_pages: int,
     scale_log2: float,
 ):
+    out_refs = refs[2:] if has_extra else refs
     b = pl.program_id(0)
     split = pl.program_id(2)
     block_tokens = page_size * pages_per_block // page_chunks
@@ -123,11 +131,19 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    carry = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), _M_INIT, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
+    acc0 = jnp.zeros((rows, head_dim), jnp.float32)
+    m0 = jnp.full((rows,), _M_INIT, jnp.float32)
+    l0 = jnp.zeros((rows,), jnp.float32)
+    if has_extra:
+        # Split 0 starts from the extra key as if it were one block of one token.
+        kx = refs[0][...].astype(jnp.float32)  # [D]
+        vx = refs[1][...].astype(jnp.float32)
+        s_x = jnp.sum(q.astype(jnp.float32) * kx[None, :], axis=1) * scale_log2  # [Gp]
+        first = split == 0
+        m0 = jnp.where(first, s_x, m0)
+        l0 = jnp.where(first, jnp.ones_like(l0), l0)
+        acc0 = jnp.where(first, jnp.broadcast_to(vx[None, :], (rows, head_dim)), acc0)
+    carry = (acc0, m0, l0)
     carry = lax.fori_loop(lo, full_hi, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(tail_lo, hi, functools.partial(step, masked=True), carry)
 
@@ -172,6 +188,8 @@ def paged_decode_pallas(
     page_table: jax.Array,
     lengths: jax.Array,
     layer: jax.Array | None = None,
+    k_extra: jax.Array | None = None,
+    v_extra: jax.Array | None = None,
     *,
     sm_scale: float,
     config: PagedDecodeConfig,
@@ -181,7 +199,9 @@ def paged_decode_pallas(
     """Paged decode attention; arguments as in ``api.paged_decode_attention`` (validated there).
 
     q: [B, H, D]; k_pages, v_pages: [K, P, N, D], or [L, K, P, N, D] with ``layer`` an int32
-    scalar; page_table: int32 [B, max_pages]; lengths: int32 [B]. Returns [B, H, D] in q.dtype,
+    scalar; page_table: int32 [B, max_pages]; lengths: int32 [B]; k_extra, v_extra: [B, K, D]
+    or None (one more key per sequence and kv head, after the cache's tokens). Returns [B, H, D]
+    in q.dtype,
     and with ``return_lse`` also the natural-log softmax normaliser f32 [B, H] (-inf for length 0).
     """
     stacked = k_pages.ndim == 5
@@ -195,8 +215,10 @@ def paged_decode_pallas(
     splits = config.num_splits
     partials = splits > 1 or return_lse  # the LSE needs the (m, l) partials
 
+    has_extra = k_extra is not None
     kernel = functools.partial(
         _paged_decode_kernel,
+        has_extra=has_extra,
         stacked=stacked,
         partials=partials,
         group=group,
@@ -222,6 +244,11 @@ def paged_decode_pallas(
         kv_spec,
         kv_spec,
     ]
+    extra_args = ()
+    if has_extra:
+        extra_spec = pl.BlockSpec((None, None, head_dim), lambda b, k, s: (b, k, 0))
+        in_specs += [extra_spec, extra_spec]
+        extra_args = (k_extra, v_extra)
     if not partials:
         out_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), q.dtype)
         out_specs = pl.BlockSpec((None, None, rows, head_dim), lambda b, k, s: (b, k, 0, 0))
@@ -247,7 +274,7 @@ def paged_decode_pallas(
         compiler_params=_compat.triton_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="paged_decode_attention",
-    )(lengths, layer_arr, page_table, q, k_pages, v_pages)
+    )(lengths, layer_arr, page_table, q, k_pages, v_pages, *extra_args)
 
     if not partials:
         return result[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)

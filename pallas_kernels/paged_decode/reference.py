@@ -27,16 +27,20 @@ def paged_decode_reference(
     page_table: jax.Array,
     lengths: jax.Array,
     *,
+    k_extra: jax.Array | None = None,
+    v_extra: jax.Array | None = None,
     sm_scale: float | None = None,
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """One-token attention of each sequence against its pages.
+    """One-token attention of each sequence against its pages (and optional extra keys).
 
     Args:
       q: [B, H, D] query of the token being decoded.
       k_pages, v_pages: [K, P, N, D] paged cache of one layer (kv-head major).
       page_table: int32 [B, max_pages] page ids of each sequence, in token order.
       lengths: int32 [B] valid tokens of each sequence (including the decoded token).
+      k_extra, v_extra: [B, K, D] or None: one more key/value per sequence and kv head that is
+        not in the cache (the token being decoded), always visible, after the cache's tokens.
       sm_scale: softmax scale; default ``1 / sqrt(D)``.
 
     Returns:
@@ -65,12 +69,23 @@ def paged_decode_reference(
         precision=jax.lax.Precision.HIGHEST,
     )
     logits = jnp.where(valid[:, None, None, :], logits * scale, -jnp.inf)
+    # Zero masked values too: 0 * NaN would leak garbage past the length into the output.
+    v = jnp.where(valid[None, :, :, None], v.astype(jnp.float32), 0.0)
+    if k_extra is not None:
+        extra = jnp.einsum(
+            "bkgd,bkd->bkg",
+            qg,
+            k_extra.astype(q.dtype),
+            preferred_element_type=jnp.float32,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        logits = jnp.concatenate([logits, extra[..., None] * scale], axis=-1)
+        vx = jnp.transpose(v_extra.astype(jnp.float32), (1, 0, 2))[:, :, None]  # [K, B, 1, D]
+        v = jnp.concatenate([v, vx], axis=2)
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # all-masked rows (length 0) stay finite
     p = jnp.exp(logits - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    # Zero masked values too: 0 * NaN would leak garbage past the length into the output.
-    v = jnp.where(valid[None, :, :, None], v.astype(jnp.float32), 0.0)
     out = jnp.einsum("bkgs,kbsd->bkgd", p, v, precision=jax.lax.Precision.HIGHEST)
     out = out / jnp.where(denom == 0.0, 1.0, denom)
     out = out.reshape(batch, num_heads, head_dim).astype(q.dtype)

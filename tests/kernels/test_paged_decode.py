@@ -331,3 +331,70 @@ def test_lse_matches_float64_logsumexp(splits):
         )
         np.testing.assert_allclose(np.asarray(lse), want, atol=1e-5, rtol=1e-6)
         assert_close(out, paged_decode_reference(q, k, v, table, lengths), jnp.float32)
+
+
+def _extra_kv(case: Case, seed: int):
+    rng = np.random.default_rng(seed)
+    shape = (case.batch, case.kv_heads, case.head_dim)
+    return (jnp.asarray(rng.standard_normal(shape), case.dtype) for _ in range(2))
+
+
+def test_reference_extra_key_is_one_more_token():
+    """An extra key/value equals the same token written at position ``lengths[b]`` of the cache
+    (float64 numpy on the contiguous K/V with the extra token appended)."""
+    case = Case(3, 2, 4, 32, 16, 5, 16, jnp.float32)
+    lengths = [0, 33, 79]
+    q, k, v, table, lens = make_inputs(case, lengths, seed=11)
+    kx, vx = _extra_kv(case, seed=12)
+    ref = paged_decode_reference(q, k, v, table, lens, k_extra=kx, v_extra=vx, sm_scale=0.3)
+    # Write the extra token into the cache at its position, then attend to lengths + 1 tokens.
+    k_np, v_np = np.array(k), np.array(v)
+    for b, n in enumerate(lengths):
+        page, slot = int(table[b, n // case.page_size]), n % case.page_size
+        k_np[:, page, slot], v_np[:, page, slot] = np.asarray(kx[b]), np.asarray(vx[b])
+    expect = numpy_attention(q, k_np, v_np, table, [n + 1 for n in lengths], 0.3)
+    np.testing.assert_allclose(np.asarray(ref), expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,ppb,chunks,splits,stacked",
+    [
+        (jnp.float32, 1, 1, 1, False),  # no partials: the kernel normalises itself
+        (jnp.float32, 2, 1, 3, True),
+        (jnp.bfloat16, 1, 2, 8, True),  # more splits than blocks for the short rows
+    ],
+)
+def test_kernel_extra_key_matches_reference(dtype, ppb, chunks, splits, stacked):
+    case = Case(4, 2, 4, 64, 16 * chunks, 6, 24, dtype)
+    lengths = [0, 1, 16 * chunks, 6 * 16 * chunks]
+    q, k, v, table, lens = make_inputs(case, lengths, seed=13, poison=True)
+    kx, vx = _extra_kv(case, seed=14)
+    cfg = PagedDecodeConfig(pages_per_block=ppb, page_chunks=chunks, num_splits=splits)
+    layer = None
+    if stacked:  # layer 1 of a two-layer cache whose layer 0 is NaN
+        k, v = (jnp.stack([jnp.full_like(x, jnp.nan), x]) for x in (k, v))
+        layer = jnp.int32(1)
+    kwargs = dict(k_extra=kx, v_extra=vx, config=cfg, interpret=True)
+    out = paged_decode_attention(q, k, v, table, lens, layer, implementation="pallas", **kwargs)
+    ref = paged_decode_attention(q, k, v, table, lens, layer, implementation="reference", **kwargs)
+    assert_close(out, ref, dtype)
+    # The extra key matters (a cache-only result differs), and a zero-length row is its value.
+    alone = paged_decode_attention(q, k, v, table, lens, layer, implementation="reference")
+    assert not np.allclose(np.asarray(out, np.float32), np.asarray(alone, np.float32), atol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(out[0], np.float32),
+        np.repeat(np.asarray(vx[0], np.float32), case.group, axis=0),
+        **TOLERANCES[dtype],
+    )
+
+
+def test_extra_key_bad_inputs_raise():
+    case = Case(2, 2, 2, 64, 16, 4, 8, jnp.float32)
+    q, k, v, table, lens = make_inputs(case, [7, 50], seed=15)
+    kx, vx = _extra_kv(case, seed=16)
+    with pytest.raises(ValueError, match="together"):
+        paged_decode_attention(q, k, v, table, lens, k_extra=kx)
+    with pytest.raises(ValueError, match=r"k_extra must be \[B, K, D\]"):
+        paged_decode_attention(q, k, v, table, lens, k_extra=kx[:1], v_extra=vx)
+    with pytest.raises(ValueError, match="v_extra dtype"):
+        paged_decode_attention(q, k, v, table, lens, k_extra=kx, v_extra=vx.astype(jnp.bfloat16))
