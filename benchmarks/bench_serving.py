@@ -129,6 +129,23 @@ def describe(reqs: list[Request]) -> dict[str, float]:
     }
 
 
+def prefill_ceilings(by: dict[str, dict]) -> dict[str, float]:
+    """Amdahl bound of each engine-vs-static ratio: the engine batches decode but runs every
+    prompt's prefill, so it can never take less than its measured prefill time. The ceiling is
+    the ratio the engine would reach if decode were free: the engine's requests per minute of
+    prefill over the static method's requests per minute of wall time."""
+    out = {}
+    for eng_name in ("engine elastic", "engine dense"):
+        eng = by.get(eng_name)
+        if not eng or not eng.get("prefill_s_total"):
+            continue
+        prefill_only = 60.0 * eng["requests"] / eng["prefill_s_total"]
+        for other in ("static b1", "static b8"):
+            if other in by:
+                out[f"{eng_name} / {other}"] = prefill_only / by[other]["requests_per_min"]
+    return out
+
+
 def summary(method: str, reqs, wall: float, queue_s: list[float], compiles: int, **extra):
     toks = sum(r.max_new_tokens for r in reqs)
     return {
@@ -340,6 +357,7 @@ def run_static(model, reqs: list[Request], batch: int) -> dict:
         it.close()
     warm_s = time.perf_counter() - t0
     queue = []
+    prefill_s = 0.0
     with CompileCounter() as cc:
         t0 = time.perf_counter()
         for g in groups:
@@ -350,8 +368,12 @@ def run_static(model, reqs: list[Request], batch: int) -> dict:
             )  # fmt: skip
             assert [len(t) for t in res.token_ids] == [r.max_new_tokens for r in g]
             queue += [start] * len(g)
+            prefill_s += res.timings[0].prefill_ms / 1e3  # the whole batch's prefill
         wall = time.perf_counter() - t0
-    return summary(f"static b{batch}", reqs, wall, queue, cc.count, warmup_s=warm_s, scaled=True)
+    return summary(
+        f"static b{batch}", reqs, wall, queue, cc.count,
+        warmup_s=warm_s, prefill_s_total=prefill_s, scaled=True,
+    )  # fmt: skip
 
 
 def decode_ideal(model, steady: list[tuple[float, int]], hbm: float | None) -> dict:
@@ -433,6 +455,7 @@ def main(argv=None) -> dict:
                     result["ratios"][f"{eng_name} / {other}"] = (
                         by[eng_name]["requests_per_min"] / by[other]["requests_per_min"]
                     )
+        result["ceilings"] = prefill_ceilings(by)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
 
@@ -542,8 +565,16 @@ def _print_table(result: dict) -> None:
         if "ideal_ms" in d:
             line += f", HBM-bound ideal {d['ideal_ms']:.2f} ms ({d['fraction_of_ideal']:.0%})"
         print(line)
+    ceilings = result.get("ceilings", {})
     for k, v in result["ratios"].items():
-        print(f"{k}: {v:.2f}x requests/min")
+        bound = f"  (prefill-bound ceiling {ceilings[k]:.2f}x)" if k in ceilings else ""
+        print(f"{k}: {v:.2f}x requests/min{bound}")
+    for r in result["rows"]:
+        if r.get("prefill_s_total") and "error" not in r:
+            share = r["prefill_s_total"] / r["wall_s"]
+            print(
+                f"{r['method']}: prefill {r['prefill_s_total']:.1f} s = {share:.0%} of its wall time"
+            )
     for n in result["notes"]:
         print("note:", n)
 

@@ -41,6 +41,18 @@ def test_tiny_run(tmp_path):
     )
     assert saved["meta"]["shape"] == "tiny" and "engine dense / static b8" in saved["ratios"]
     assert res["rows"] == saved["rows"]
+    # Every method records its prefill time; the engine's prefill bounds its speedup.
+    by = {r["method"]: r for r in saved["rows"]}
+    assert all(0 < r["prefill_s_total"] < r["wall_s"] for r in saved["rows"])
+    for key, ceiling in saved["ceilings"].items():
+        eng, other = key.split(" / ")
+        want = (by[eng]["requests"] / by[eng]["prefill_s_total"]) / (
+            by[other]["requests"] / by[other]["wall_s"]
+        )
+        assert ceiling == pytest.approx(want)
+    assert set(saved["ceilings"]) == {
+        f"{e} / {o}" for e in ("engine elastic", "engine dense") for o in ("static b1", "static b8")
+    }
 
 
 def test_a_failed_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
