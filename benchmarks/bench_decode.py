@@ -103,17 +103,7 @@ def kv_bytes_read(cfg: ModelConfig, batch: int, context: int) -> int:
     return 2 * batch * context * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
-def _triton_gemm_only_step():
-    """``engine.decode_sample_step`` compiled with ``engine.TRITON_GEMM_ONLY`` (A/B)."""
-    return jax.jit(
-        engine.decode_sample_step.__wrapped__,
-        static_argnames=("cfg", "rt", "sp"),
-        donate_argnames=("cache",),
-        compiler_options={**engine.DECODE_COMPILER_OPTIONS, **engine.TRITON_GEMM_ONLY},
-    )
-
-
-def _stepper(params, cfg, rt, batch, context, steps, step_fn=None):
+def _stepper(params, cfg, rt, batch, context, steps):
     """``run(n)``: n greedy decode steps queued back to back on a filled cache; returns tokens."""
     cache = filled_cache(cfg, batch, context, context + 2 * steps + 64, rt.page_size)
     holder = {"cache": cache, "tok": jnp.zeros((batch,), jnp.int32)}
@@ -121,11 +111,9 @@ def _stepper(params, cfg, rt, batch, context, steps, step_fn=None):
     banned = jnp.zeros((batch, cfg.vocab_size), bool)
     sp = SamplingParams()
 
-    step_fn = step_fn or engine.decode_sample_step
-
     def run(n):
         for _ in range(n):
-            holder["tok"], holder["cache"] = step_fn(
+            holder["tok"], holder["cache"] = engine.decode_sample_step(
                 params, holder["cache"], holder["tok"], key, banned, cfg, rt, sp
             )
         # Keep lengths at the context: every timed step reads the same number of K/V tokens.
@@ -135,8 +123,8 @@ def _stepper(params, cfg, rt, batch, context, steps, step_fn=None):
     return run
 
 
-def time_jit_step(params, cfg, rt, batch, context, steps, step_fn=None) -> tuple[float, object]:
-    run = _stepper(params, cfg, rt, batch, context, steps, step_fn)
+def time_jit_step(params, cfg, rt, batch, context, steps) -> tuple[float, object]:
+    run = _stepper(params, cfg, rt, batch, context, steps)
     jax.block_until_ready(run(3))
     times = time_calls(lambda: run(steps), 3)
     return statistics.median(times) / steps, run
@@ -285,11 +273,6 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true")
     p.add_argument("--gemv", action="store_true")
     p.add_argument("--decode-impl", default="auto")
-    p.add_argument(
-        "--triton-gemm-only",
-        action="store_true",
-        help="time the step compiled with engine.TRITON_GEMM_ONLY (A/B against the default)",
-    )
     p.add_argument("--dump-hlo", default=None, help="directory: write each step's optimized HLO")
     p.add_argument("--label", default="", help="free text stored with the rows (e.g. XLA flags)")
     p.add_argument("--out", default=None)
@@ -328,8 +311,7 @@ def main(argv=None):
             "label": args.label,
         }
         try:
-            step_fn = _triton_gemm_only_step() if args.triton_gemm_only else None
-            sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps, step_fn)
+            sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps)
             row["jit_ms"] = sec * 1e3
             row["jit_ratio"] = row["jit_ms"] / ideal_ms
             row["jit_tb_s"] = (w_bytes + kv) / sec / 1e12

@@ -68,10 +68,9 @@ def prefill_step(
 
 # XLA options for the decode steps (empty: XLA's defaults). In the H100 profile cuBLAS read a copy
 # of each layer's out-projection slice of the stacked [L, ...] weights (a "memcpy" kernel, 0.43 ms
-# of a 4B step); ``TRITON_GEMM_ONLY`` avoids the copy but is not measured yet, so it is not the
-# default (bench_decode --triton-gemm-only is the A/B).
+# of a 4B step). {"xla_gpu_cublas_fallback": False} would avoid it, but with jax 0.11.2 the decode
+# step then fails to compile (autotuning finds no Triton config for 36 of its 240 GEMMs).
 DECODE_COMPILER_OPTIONS: dict = {}
-TRITON_GEMM_ONLY = {"xla_gpu_cublas_fallback": False}
 
 
 @functools.partial(
