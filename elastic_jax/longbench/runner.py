@@ -244,6 +244,25 @@ def _pending(run: TaskRun, samples: list[dict], pred_path: Path, limit: int | No
     return [s for s in todo if s["_id"] not in done]
 
 
+def _prompt(run: TaskRun, sample: dict, tok, max_length: int, opts: _Options):
+    """The sample's prompt under the run's template and truncation options."""
+    return build_prompt(
+        run.spec,
+        sample,
+        tok,
+        max_length=max_length,
+        use_chat_template=opts.use_chat_template,
+        enable_thinking=opts.enable_thinking,
+    )
+
+
+def _append(f, rec: dict) -> None:
+    """One prediction record, on disk before the next sample starts (resume after a crash)."""
+    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _run_task(
     model: Model,
     generate_fn: GenerateFn,
@@ -262,17 +281,7 @@ def _run_task(
     with pred_path.open("a", encoding="utf-8") as f:
         for start in range(0, len(pending), opts.batch_size):
             batch = pending[start : start + opts.batch_size]
-            prompts = [
-                build_prompt(
-                    run.spec,
-                    s,
-                    tok,
-                    max_length=max_length,
-                    use_chat_template=opts.use_chat_template,
-                    enable_thinking=opts.enable_thinking,
-                )
-                for s in batch
-            ]
+            prompts = [_prompt(run, s, tok, max_length, opts) for s in batch]
             t0 = time.perf_counter()
             res = generate_fn(
                 model,
@@ -294,9 +303,7 @@ def _run_task(
                 rec = _record(
                     sample, texts[i], token_ids[i], prompts[i], timings[i], infos[i], wall_ms
                 )
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                _append(f, rec)
             bar.update(len(batch))
 
 
@@ -335,14 +342,7 @@ def _run_task_engine(
             sample = next(todo, None)
             if sample is None:
                 return
-            prompt = build_prompt(
-                run.spec,
-                sample,
-                tok,
-                max_length=max_length,
-                use_chat_template=opts.use_chat_template,
-                enable_thinking=opts.enable_thinking,
-            )
+            prompt = _prompt(run, sample, tok, max_length, opts)
             rid = engine.submit(
                 prompt.token_ids,
                 run.spec.max_new_tokens,
@@ -363,9 +363,7 @@ def _run_task_engine(
                     (now - last) * 1e3,
                 )  # fmt: skip
                 last = now
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                _append(f, rec)
                 bar.update(1)
             refill()
     engine.pop_results()

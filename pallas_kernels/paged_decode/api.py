@@ -114,8 +114,8 @@ def paged_decode_attention(
       interpret: run the Pallas kernel in interpret mode; None: interpret unless on GPU.
       config: a full tiling to use instead of the autotune table / heuristic.
       return_lse: also return the natural-log softmax normaliser f32 [B, H] (-inf for a zero
-        length), so a caller can merge in keys that are not in the cache (the model's decode
-        step merges the new token's own key this way, keeping the cache read-only in its loop).
+        length), so a caller can merge this result with attention over other keys (for one
+        key per kv head, ``k_extra``/``v_extra`` do that inside the kernel).
 
     Returns:
       [B, H, D] in ``q.dtype``.
