@@ -12,7 +12,9 @@ ideal = bytes / copy bandwidth. Step times:
             queued back to back for ``--steps`` steps and waited for once: the device-side cost
             of a step with dispatch overlapped, which is what ``generate()`` can reach.
   generate  ``generate()`` on random prompts of ``context`` tokens, ``--gen-tokens`` new tokens
-            each: decode milliseconds (after prefill) per step, host loop included.
+            each: milliseconds per step, host loop included, between the last request's first
+            token and the first request's last (every request decoding; the engine prefills
+            them one at a time, so earlier requests' decode time also holds later prefills).
 
 ``--profile`` adds a kernel breakdown of the jitted step (JAX profiler): device span, kernel sum
 (span - sum = launch gaps), and time per kernel class. ``--gemv`` times the step's matrix-vector
@@ -28,6 +30,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +133,23 @@ def time_jit_step(params, cfg, rt, batch, context, steps) -> tuple[float, object
     return statistics.median(times) / steps, run
 
 
+def steady_step_ms(arrivals: list[list[float]]) -> float:
+    """Host-loop decode step (ms) while every request is decoding, from each request's token
+    arrival times (seconds, in order). The engine prefills requests one at a time, so a
+    request's own decode time also holds the other requests' prefills; the window here starts
+    when the last request's first token arrives and ends at the first request to finish.
+    Raises ValueError when that window holds no step (budgets too short for the batch)."""
+    start = max(a[0] for a in arrivals)
+    end = min(a[-1] for a in arrivals)
+    inside = [t for t in arrivals[0] if start < t <= end]
+    if not inside:
+        raise ValueError("no decode step with every request running: raise --gen-tokens")
+    return (end - start) * 1e3 / len(inside)
+
+
 def time_generate(params, cfg, rt, batch, context, new_tokens) -> float:
-    """Decode ms per step of ``generate()`` (host loop included), median of two calls."""
+    """Decode ms per step of ``generate()`` (host loop included) with all ``batch`` requests
+    running (``steady_step_ms``), median of two calls after a warm-up call."""
     from elastic_jax.generate import generate
     from elastic_jax.loader import Model
 
@@ -142,16 +160,21 @@ def time_generate(params, cfg, rt, batch, context, new_tokens) -> float:
     generate(model, prompts, **kw)  # compile every bucket
     per_step = []
     for _ in range(2):
-        res = generate(model, prompts, **kw)
-        slowest = max(res.timings, key=lambda t: t.decode_ms)
-        per_step.append(slowest.decode_ms / max(slowest.new_tokens - 1, 1))
+        arrivals: list[list[float]] = [[] for _ in range(batch)]
+
+        def stamp(e, arrivals=arrivals) -> None:
+            arrivals[e.request].append(time.perf_counter())
+
+        generate(model, prompts, stream=stamp, **kw)
+        per_step.append(steady_step_ms(arrivals))
     return statistics.median(per_step)
 
 
 _KERNEL_CLASSES = (
     ("decode_attention", ("paged_decode",)),
-    ("gemv/gemm", ("gemm", "gemv", "cublas", "cutlass", "dot", "matmul", "sm90_xmma")),
+    ("gemv/gemm", ("gemm", "gemv", "cublas", "cutlass", "dot", "matmul", "sm90_xmma", "nvjet")),
     ("cache_write", ("scatter",)),
+    ("copy", ("memcpy", "copy")),
 )
 
 
@@ -164,19 +187,25 @@ def classify(name: str) -> str:
 
 
 def profile_step(run, steps: int) -> dict:
-    from benchmarks.profiling import device_kernel_times
+    from benchmarks.profiling import device_kernel_stats
 
     with tempfile.TemporaryDirectory() as d:
-        span, ksum, per_name = device_kernel_times(lambda i: run(1), steps, d)
+        span, ksum, per_name, launches = device_kernel_stats(lambda i: run(1), steps, d)
     per_class: collections.Counter = collections.Counter()
+    launches_per_class: collections.Counter = collections.Counter()
     for name, us in per_name.items():
         per_class[classify(name)] += us
+        launches_per_class[classify(name)] += launches[name]
     top = per_name.most_common(12)
     return {
         "span_ms": span / 1e3,
         "kernel_sum_ms": ksum / 1e3,
         "per_class_ms": {k: v / 1e3 for k, v in per_class.items()},
+        "kernels_per_step": round(sum(launches.values()), 1),
+        "kernels_per_class": {k: round(v, 1) for k, v in launches_per_class.items()},
         "top_kernels_ms": [(n, us / 1e3) for n, us in top],
+        # every kernel: (name, ms per step, launches per step), longest first
+        "kernels": [(n, us / 1e3, round(launches[n], 2)) for n, us in per_name.most_common()],
     }
 
 
@@ -197,6 +226,15 @@ def gemv_table(params: Params, cfg: ModelConfig, batch: int, copy_bw: float) -> 
         f = jax.jit(lambda x, w: [x @ w[i] for i in range(w.shape[0])])
         t = median_seconds(f, 10, x, w) / w.shape[0]
         rows.append({"matrix": name, "shape": list(w.shape[1:]), **_rates(w[0].nbytes, t, copy_bw)})
+        if name in ("wo", "w_down"):  # the same products through the stacked-weight Pallas GEMV
+            from pallas_kernels.gemv import stacked_gemv
+
+            g = jax.jit(lambda x, w: [stacked_gemv(x, w, i) for i in range(w.shape[0])])
+            t = median_seconds(g, 10, x, w) / w.shape[0]
+            rows.append(
+                {"matrix": f"{name} (pallas stacked_gemv)", "shape": list(w.shape[1:]),
+                 **_rates(w[0].nbytes, t, copy_bw)}
+            )  # fmt: skip
     return rows + lm_head_variants(params, cfg, batch, copy_bw)
 
 
@@ -273,6 +311,12 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true")
     p.add_argument("--gemv", action="store_true")
     p.add_argument("--decode-impl", default="auto")
+    p.add_argument(
+        "--decode-out-proj",
+        default="xla",
+        choices=("xla", "pallas"),
+        help="the attention out-projection in decode (RuntimeConfig.decode_out_proj)",
+    )
     p.add_argument("--dump-hlo", default=None, help="directory: write each step's optimized HLO")
     p.add_argument("--label", default="", help="free text stored with the rows (e.g. XLA flags)")
     p.add_argument("--out", default=None)
@@ -287,7 +331,9 @@ def main(argv=None):
         f"{dev.device_kind}: copy {copy_bw / 1e12:.3f} TB/s, read {bw['read'] / 1e12:.3f} TB/s",
         flush=True,
     )
-    rt = RuntimeConfig(attention_mode="dense", decode_impl=args.decode_impl)
+    rt = RuntimeConfig(
+        attention_mode="dense", decode_impl=args.decode_impl, decode_out_proj=args.decode_out_proj
+    )
     rows, gemv, params_for = [], {}, {}
     for shape, batch, context in parse_configs(args.configs):
         if shape not in params_for:
@@ -309,6 +355,7 @@ def main(argv=None):
             "kv_gb": kv / 1e9,
             "ideal_ms": ideal_ms,
             "label": args.label,
+            "decode_out_proj": args.decode_out_proj,
         }
         try:
             sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps)
@@ -331,7 +378,14 @@ def main(argv=None):
         if args.out:  # after every row: a later OOM or time-out must not lose this one
             with open(args.out, "w") as f:
                 json.dump(
-                    {"copy_bw_tb_s": copy_bw / 1e12, "label": args.label, "rows": rows}, f, indent=2
+                    {
+                        "copy_bw_tb_s": copy_bw / 1e12,
+                        "label": args.label,
+                        "decode_out_proj": args.decode_out_proj,
+                        "rows": rows,
+                    },
+                    f,
+                    indent=2,
                 )
         if args.dump_hlo:
             dump_hlo(params, cfg, rt, batch, context, args.dump_hlo)
@@ -348,6 +402,7 @@ def main(argv=None):
         "torch_memcpy_bw_tb_s": None if torch_bw is None else torch_bw / 1e12,
         "steps": args.steps,
         "label": args.label,
+        "decode_out_proj": args.decode_out_proj,
     }
     print(
         f"\n{meta['device']}  jax {meta['jax']}  copy {meta['copy_bw_tb_s']:.3f} TB/s  {args.label}"

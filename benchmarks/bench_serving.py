@@ -1,11 +1,13 @@
 """Continuous batching (issue 15): the serving engine against today's static path and HF
 transformers on a LongBench-E-shaped workload, Qwen3-4B shape, random bf16 weights.
 
-    PYTHONPATH=. python3 benchmarks/bench_serving.py --sections hf --out $OUT/serving_4b_hf.json
-    PYTHONPATH=. python3 benchmarks/bench_serving.py --hf-from $OUT/serving_4b_hf.json \
-        --out $OUT/serving_4b.json
+    PYTHONPATH=. python3 benchmarks/bench_serving.py --methods hf,engine-elastic,static-b1 \
+        --out $OUT/serving_a.json
+    PYTHONPATH=. python3 benchmarks/bench_serving.py --methods static-b8,engine-dense \
+        --rows-from scratch/serving_a.json --out $OUT/serving_4b.json
 
-(two commands, each under 10 minutes; the second puts the first's HF row into its table/ratios).
+(two calls on one machine, each under 10 minutes; the second adds the first's rows to its table
+and ratios after checking workload and device; copy the first file into a carried folder).
 
 Workload (seeded, ``make_workload``): ``--requests`` (200) requests, each a LongBench-E task drawn
 uniformly from the 13 (its official max_new_tokens, ``dataset2maxlen``: 32 to 512) and a prompt
@@ -17,32 +19,34 @@ per mode before timing. Prompt ids are random. Random weights never stop early
 (no stop ids), so every request runs its whole budget. All requests arrive at t=0 (an offline
 batch, like a LongBench run), so queue wait is the time until a request's prefill starts.
 
-Methods (one process, one GPU; compile excluded everywhere: each method first runs every shape
-it will meet, and backend compilations during the timed part are counted, expected 0):
+Methods (one GPU; each JAX method in its own child process, ``--isolation process``, so none
+inherits another's allocator state; compile excluded everywhere: each method first runs every
+shape it will meet, and backend compilations during the timed part are counted, expected 0):
   engine elastic / dense  ``serving.Engine`` with ``--slots`` slots (8) on all requests. PawQwen3
                           with a router of fixed random weights (``full+xattn``); "dense" forces
                           every head dense (same weights).
   static b8               ``generate_static`` (today's path: one padded batch, every row waits for
-                          the slowest) in batches of 8 consecutive requests of a seeded subset of
-                          ``--static-b8-requests`` (16), dense attention, scaled per request.
+                          the slowest) in batches of 8 consecutive requests of a subset of
+                          ``--static-b8-requests`` (24), dense attention, scaled per request.
   static b1               ``generate_static`` one request at a time on a subset of
-                          ``--static-b1-requests`` (10), dense, scaled per request.
-  hf b1                   transformers ``generate`` (SDPA, bf16 at construction, batch 1) on the
-                          same subset as static b1 (``--hf-requests``, 10), in a child process that
-                          runs before JAX takes the GPU; skipped when torch/CUDA are missing.
-                          Not in the default sections (time): ``--sections hf`` runs it alone.
-Subsets are the first k requests of a seeded permutation of the workload; "scaled per request"
-means requests/min = k / wall of the subset (their mean prompt and budget are printed beside the
-full workload's). Decode step time: the median wall time of the engine's steps (elastic run)
-that admitted nothing with every slot busy (one step behind, so it is the device step time),
-against the HBM-bound ideal (weights + the running requests' K/V read once per step at the
-device's peak HBM bandwidth).
+                          ``--static-b1-requests`` (24), dense, scaled per request.
+  hf b1                   transformers ``generate`` (SDPA, bf16 at construction, batch 1) on a
+                          subset of ``--hf-requests`` (10), in a child process that runs before
+                          JAX takes the GPU; skipped when torch/CUDA are missing. Not in the
+                          default methods (time).
+Subsets (``subset``) stand for the workload: each length bucket its share, mean prompt length and
+mean budget within about 1% of the workload's; "scaled per request" means requests/min = k / wall
+of the subset (their means are printed beside the workload's). Decode step time: the median wall
+time of the engine's steps (elastic run) that admitted nothing with every slot busy (one step
+behind, so it is the device step time), against the HBM-bound ideal (weights + the running
+requests' K/V once per step at the copy bandwidth measured in the run).
 
-Order: hf (if asked), engine elastic, static b8, static b1, engine dense; the JSON is rewritten
-after each, so a run cut off keeps what it measured. Budget (H100, 4b defaults, estimated, not
-measured yet): engine ~1.5-2 min per mode + compile (5 prefill buckets + 1 decode step per mode),
-static ~1.5 min with compile, so ~6-7 min; --sections hf alone ~2.5 min. Shrink with --requests, --max-prompt, --shape tiny (CPU smoke:
-tests/test_bench_serving.py).
+Order: hf, engine elastic, static b8, static b1, engine dense (those asked); the JSON is rewritten
+after each, so a run cut off keeps what it measured. Budget (H100, 4b defaults; measured with
+in-process methods and the former 10-request static subsets: hf 54 s + start, engine elastic
+73 s + 89 s warm-up, engine dense 82 s + 24 s, static b1 6 s + 90 s; estimated for the defaults:
+hf ~2 min, engine elastic ~3 min, static b1 ~2 min, static b8 ~2.5 min, engine dense ~2 min).
+Shrink with --requests, --max-prompt, --shape tiny (CPU smoke: tests/test_bench_serving.py).
 """
 
 from __future__ import annotations
@@ -115,9 +119,41 @@ def make_workload(
     return out
 
 
+SUBSET_TRIALS = 4000
+
+
 def subset(workload: list[Request], k: int, seed: int) -> list[Request]:
-    order = np.random.default_rng(seed + 1).permutation(len(workload))
-    return [workload[i] for i in order[:k]]
+    """``k`` requests that stand for the workload: each length bucket gets its share of ``k``
+    (largest remainder), and of ``SUBSET_TRIALS`` seeded draws the one whose mean prompt length
+    and mean budget are closest (sum of relative errors) to the workload's is kept. A baseline
+    timed on the subset and scaled per request is then timed on the same kind of work as the
+    engine on the whole workload (the first-k of a permutation drew, at k=10, a mean budget of
+    51 against the workload's 117, which flattered the static batch-1 path)."""
+    if k >= len(workload):
+        return list(workload)
+    if k <= 0:
+        return []
+    names = _names(workload)
+    members = {b: [i for i, r in enumerate(workload) if r.bucket == b] for b in names}
+    exact = {b: k * len(members[b]) / len(workload) for b in names}
+    share = {b: int(exact[b]) for b in names}
+    for b in sorted(names, key=lambda b: exact[b] - share[b], reverse=True)[
+        : k - sum(share.values())
+    ]:
+        share[b] += 1
+    prompt = np.array([len(r.prompt) for r in workload], float)
+    budget = np.array([r.max_new_tokens for r in workload], float)
+    want_p, want_b = prompt.mean(), budget.mean()
+    rng = np.random.default_rng(seed + 1)
+    best, best_err = None, np.inf
+    for _ in range(SUBSET_TRIALS):
+        idx = np.concatenate(
+            [rng.choice(members[b], share[b], replace=False) for b in names if share[b]]
+        )
+        err = abs(prompt[idx].mean() / want_p - 1) + abs(budget[idx].mean() / want_b - 1)
+        if err < best_err:
+            best, best_err = np.sort(idx), err
+    return [workload[i] for i in best]
 
 
 def describe(reqs: list[Request]) -> dict[str, float]:
@@ -393,6 +429,87 @@ def decode_ideal(model, steady: list[tuple[float, int]], hbm: float | None) -> d
     return out
 
 
+METHODS = ("engine-elastic", "static-b8", "static-b1", "engine-dense")  # the product first
+
+
+def _label(method: str) -> str:
+    return method.replace("-", " ")
+
+
+def _parse_methods(args) -> list[str]:
+    if args.methods:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    else:
+        sections = set(args.sections.split(","))
+        bad = sections - {"hf", "engine", "static"}
+        if bad:
+            raise ValueError(f"--sections: unknown {sorted(bad)}; allowed: hf, engine, static")
+        names = [m for m in METHODS if m.split("-")[0] in sections]
+        names = (["hf"] if "hf" in sections else []) + names
+    bad = [m for m in names if m not in (*METHODS, "hf")]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; allowed: hf, {', '.join(METHODS)}")
+    return names
+
+
+def _workload_argv(args) -> list[str]:
+    """The options that fix the workload and the methods' settings, for a child process."""
+    out = ["--shape", args.shape, "--requests", str(args.requests)]
+    out += ["--max-prompt", str(args.max_prompt), "--slots", str(args.slots)]
+    out += ["--static-b8-requests", str(args.static_b8_requests)]
+    out += ["--static-b1-requests", str(args.static_b1_requests), "--seed", str(args.seed)]
+    for flag, value in (
+        ("--max-new-cap", args.max_new_cap),
+        ("--pool-tokens", args.pool_tokens),
+        ("--hbm-gbps", args.hbm_gbps),
+    ):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def run_method_child(args, method: str, copy_bw: float | None, tmp: str) -> dict:
+    """One JAX method in its own process: it starts on an empty GPU (no allocator state left by
+    the previous method: in one process the static batch-8 run after the engine ran out of
+    memory at 53 GiB predicted of 75 available) and a crash loses only its own row."""
+    out = Path(tmp) / f"{method}.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_serving", *_workload_argv(args)]
+    cmd += ["--methods", method, "--isolation", "none", "--out", str(out)]
+    if copy_bw:
+        cmd += ["--copy-bw-tb-s", repr(copy_bw / 1e12)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        proc = subprocess.run(
+            cmd, timeout=args.method_timeout_s, stderr=subprocess.PIPE, text=True, env=env
+        )
+    except subprocess.TimeoutExpired:
+        err = f"child ran past --method-timeout-s {args.method_timeout_s:.0f}"
+        return {"rows": [{"method": _label(method), "error": err}]}
+    if proc.returncode != 0 or not out.exists():
+        tail = proc.stderr[-600:].strip()
+        err = f"child failed (rc {proc.returncode}): {tail}"
+        return {"rows": [{"method": _label(method), "error": err}]}
+    return json.loads(out.read_text())
+
+
+def _merge_rows_from(path: str, meta: dict, rows: list[dict], result: dict) -> None:
+    """Rows (and the decode step) of an earlier --out of this benchmark on the same workload."""
+    old = json.loads(Path(path).read_text())
+    if old["meta"]["workload"] != meta["workload"] or old["meta"]["seed"] != meta["seed"]:
+        raise ValueError(f"--rows-from {path}: measured on another workload (seed / sizes)")
+    for key in ("device", "hf"):
+        if old["meta"].get(key) is not None:
+            meta.setdefault(key, old["meta"][key])
+    if meta.get("device") and old["meta"].get("device") not in (None, meta["device"]):
+        raise ValueError(
+            f"--rows-from {path}: measured on {old['meta']['device']}, not {meta['device']}"
+        )
+    have = {r["method"] for r in rows}
+    rows += [r for r in old["rows"] if r["method"] not in have and "error" not in r]
+    if old.get("decode_step") and not result.get("decode_step"):
+        result["decode_step"] = old["decode_step"]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="4b", choices=sorted(SHAPES))
@@ -401,8 +518,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-cap", type=int, default=None, help="cap budgets (smoke runs)")
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--pool-tokens", type=int, default=None, help="default: slots x max-prompt")
-    p.add_argument("--static-b8-requests", type=int, default=16)
-    p.add_argument("--static-b1-requests", type=int, default=10)
+    p.add_argument("--static-b8-requests", type=int, default=24)
+    p.add_argument("--static-b1-requests", type=int, default=24)
     p.add_argument("--hf-requests", type=int, default=10)
     p.add_argument("--hf-device", default="cuda")
     p.add_argument("--hf-timeout-s", type=float, default=240)
@@ -411,8 +528,26 @@ def main(argv=None) -> dict:
         default="engine,static",
         help="comma list of hf, engine, static (hf runs first, in a child process)",
     )
-    p.add_argument("--hf-from", default=None, help="take the hf b1 row from an earlier --out")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list of hf, {', '.join(METHODS)} (overrides --sections)",
+    )
+    p.add_argument(
+        "--isolation",
+        default="process",
+        choices=("process", "none"),
+        help="process: each JAX method in its own child process (default); none: all in this one",
+    )
+    p.add_argument("--method-timeout-s", type=float, default=None)
+    p.add_argument(
+        "--rows-from",
+        action="append",
+        default=[],
+        help="add the rows of an earlier --out on the same workload and device (repeatable)",
+    )
     p.add_argument("--hbm-gbps", type=float, default=None, help="default: by device name")
+    p.add_argument("--copy-bw-tb-s", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--hf-worker", nargs=2, help=argparse.SUPPRESS)
@@ -420,14 +555,16 @@ def main(argv=None) -> dict:
     if args.hf_worker:
         hf_worker(*args.hf_worker)
         return {}
+    methods = _parse_methods(args)
     # Entry point: let XLA take most of the GPU (weights + a 38 GiB pool + batch-8 32K prefill).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-    sections = set(args.sections.split(","))
     t_start = time.perf_counter()
     V = SHAPES[args.shape]["vocab_size"]
     work = make_workload(args.requests, args.max_prompt, V, args.seed, args.max_new_cap)
-    sub1 = subset(work, args.static_b1_requests, args.seed)
-    sub8 = subset(work, args.static_b8_requests, args.seed)
+    subsets = {
+        "static-b1": subset(work, args.static_b1_requests, args.seed),
+        "static-b8": subset(work, args.static_b8_requests, args.seed),
+    }
     hf_reqs = subset(work, args.hf_requests, args.seed)
     rows: list[dict] = []
     notes: list[str] = []
@@ -442,11 +579,12 @@ def main(argv=None) -> dict:
         "workload": describe(work),
         "buckets": {b: describe([r for r in work if r.bucket == b]) for b in _names(work)},
         "seed": args.seed,
+        "isolation": args.isolation,
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
     result = {"meta": meta, "rows": rows, "decode_step": None, "ratios": {}, "notes": notes}
 
-    def save() -> None:  # after every section, so a cut-off run keeps what it measured
+    def save() -> None:  # after every method, so a cut-off run keeps what it measured
         meta["total_s"] = time.perf_counter() - t_start
         by = {r["method"]: r for r in rows if "error" not in r}
         for eng_name in ("engine elastic", "engine dense"):
@@ -459,13 +597,9 @@ def main(argv=None) -> dict:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
 
-    if args.hf_from:
-        old = json.loads(Path(args.hf_from).read_text())
-        if old["meta"]["workload"] != meta["workload"] or old["meta"]["seed"] != args.seed:
-            raise ValueError(f"{args.hf_from} was measured on another workload (seed / sizes)")
-        rows += [r for r in old["rows"] if r["method"] == "hf b1"]
-        meta["hf"] = old["meta"].get("hf")
-    if "hf" in sections:  # first: the child needs the GPU before JAX takes it
+    for path in args.rows_from:
+        _merge_rows_from(path, meta, rows, result)
+    if "hf" in methods:  # first: the child needs the GPU before JAX takes it
         hf = run_hf(args.shape, hf_reqs, args.hf_device, args.hf_timeout_s)
         meta["hf"] = hf.get("meta")
         if "skipped" in hf:
@@ -477,10 +611,42 @@ def main(argv=None) -> dict:
             rows.append(summary("hf b1", hf_reqs, wall, queue, 0, scaled=True))
             print(rows[-1], flush=True)
         save()
-    if not sections & {"engine", "static"}:
-        _print_table(result)
-        return result
+    jax_methods = [m for m in methods if m != "hf" and (m not in subsets or subsets[m])]
+    if jax_methods and args.isolation == "process":
+        _run_isolated(args, jax_methods, meta, rows, result, save)
+    elif jax_methods:
+        _run_in_process(args, jax_methods, work, subsets, meta, rows, result, save)
+    save()
+    _print_table(result)
+    return result
 
+
+def _run_isolated(args, methods, meta, rows, result, save) -> None:
+    from benchmarks.bench_decode import torch_copy_bandwidth
+
+    # cudaMemcpy bandwidth before any child takes the GPU (None without torch / CUDA).
+    copy_bw = torch_copy_bandwidth()
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            res = run_method_child(
+                args, method, copy_bw if method == "engine-elastic" else None, tmp
+            )
+            child_dev = res.get("meta", {}).get("device")
+            if meta.get("device") and child_dev and child_dev != meta["device"]:
+                result["notes"].append(
+                    f"{method} ran on {child_dev}, other rows on {meta['device']}"
+                )
+            for key in ("device", "platform", "jax", "copy_bw_tb_s", "datasheet_hbm_tb_s"):
+                if res.get("meta", {}).get(key) is not None:
+                    meta.setdefault(key, res["meta"][key])
+            rows += [r for r in res["rows"] if r["method"] == _label(method)]
+            if method == "engine-elastic" and res.get("decode_step"):
+                result["decode_step"] = res["decode_step"]
+            print(rows[-1], flush=True)
+            save()
+
+
+def _run_in_process(args, methods, work, subsets, meta, rows, result, save) -> None:
     import jax
 
     from elastic_jax.config import RuntimeConfig
@@ -490,12 +656,14 @@ def main(argv=None) -> dict:
     dev = jax.devices()[0]
     meta.update(device=dev.device_kind, platform=dev.platform, jax=jax.__version__)
     hbm = args.hbm_gbps * 1e9 if args.hbm_gbps else None
-    if hbm is None and dev.platform == "gpu":
+    if hbm is None and dev.platform == "gpu" and "engine-elastic" in methods:
         # The ceiling measured in this run (bench_decode: the best of cudaMemcpy and XLA copies),
-        # as the decode issue defines the ideal; the datasheet peak is kept beside it.
+        # as the decode issue defines the ideal; the datasheet peak is kept beside it. A parent
+        # process measures cudaMemcpy before JAX takes the GPU and passes it in.
         from benchmarks.bench_decode import copy_bandwidth, torch_copy_bandwidth
 
-        hbm = max(torch_copy_bandwidth() or 0.0, copy_bandwidth(4.0)["copy"])
+        torch_bw = args.copy_bw_tb_s * 1e12 if args.copy_bw_tb_s else torch_copy_bandwidth()
+        hbm = max(torch_bw or 0.0, copy_bandwidth(4.0)["copy"])
         meta["copy_bw_tb_s"] = hbm / 1e12
     for name, bw in HBM_BYTES_PER_S.items():
         if name in dev.device_kind:
@@ -518,21 +686,16 @@ def main(argv=None) -> dict:
             gc.collect()
             return {"method": f"static b{batch}", "error": f"{type(e).__name__}: {str(e)[:200]}"}
 
-    # The product first, then its baselines, so a run cut off by its time limit keeps the most.
-    methods = []
-    if "engine" in sections:
-        methods.append(lambda: engine_row("engine elastic", base))
-    if "static" in sections:
-        methods += [lambda b=b, r=r: static_row(b, r) for b, r in ((8, sub8), (1, sub1)) if r]
-    if "engine" in sections:
-        methods.append(lambda: engine_row("engine dense", dense))
+    run = {
+        "engine-elastic": lambda: engine_row("engine elastic", base),
+        "static-b8": lambda: static_row(8, subsets["static-b8"]),
+        "static-b1": lambda: static_row(1, subsets["static-b1"]),
+        "engine-dense": lambda: engine_row("engine dense", dense),
+    }
     for method in methods:
-        rows.append(method())
+        rows.append(run[method]())
         print(rows[-1], flush=True)
         save()
-    save()
-    _print_table(result)
-    return result
 
 
 def _names(work: list[Request]) -> list[str]:

@@ -35,6 +35,14 @@ def device_kernel_times(
     Returns (device span per call, summed kernel time per call, Counter kernel name -> us per
     call). Kernel names are cut to 80 characters.
     """
+    span, ksum, per_name, _ = device_kernel_stats(fn, calls, trace_dir)
+    return span, ksum, per_name
+
+
+def device_kernel_stats(
+    fn: Callable[[int], object], calls: int, trace_dir: str
+) -> tuple[float, float, collections.Counter, collections.Counter]:
+    """``device_kernel_times`` plus a Counter kernel name -> launches per call."""
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         out = None
         for i in range(calls):
@@ -54,7 +62,9 @@ def device_kernel_times(
     if not kernels:
         raise RuntimeError(f"no device events in the trace under {trace_dir}")
     per_name: collections.Counter = collections.Counter()
+    launches: collections.Counter = collections.Counter()
     for e in kernels:
         per_name[e["name"][:80]] += e["dur"] / calls
+        launches[e["name"][:80]] += 1 / calls
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
-    return span / calls, sum(per_name.values()), per_name
+    return span / calls, sum(per_name.values()), per_name, launches

@@ -22,7 +22,7 @@ def test_bench_decode_runs_and_writes_rows(tmp_path):
             "2",
             "--generate",
             "--gen-tokens",
-            "3",
+            "6",
             "--out",
             str(out),
         ]
@@ -44,3 +44,27 @@ def test_bytes_per_step_count_every_weight_and_the_kv():
     kv = bench_decode.kv_bytes_read(cfg, batch=3, context=100)
     itemsize = 2  # bf16
     assert kv == 2 * 3 * 100 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def test_steady_step_counts_only_steps_with_every_request_running():
+    import pytest
+
+    # Request 0 decodes alone while request 1 prefills (0.0 -> 1.0 s), then both step every
+    # 10 ms; request 0 finishes first at 1.05 s.
+    r0 = [0.0, 0.01, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05]
+    r1 = [1.0, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06]
+    assert bench_decode.steady_step_ms([r0, r1]) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="gen-tokens"):
+        bench_decode.steady_step_ms([[0.0, 0.5], [1.0, 1.1]])
+
+
+def test_pallas_out_projection_and_gemv_table(tmp_path):
+    out = tmp_path / "decode.json"
+    bench_decode.main(
+        ["--configs", "tiny:2:128", "--steps", "2", "--decode-out-proj", "pallas", "--gemv",
+         "--out", str(out)]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["decode_out_proj"] == "pallas" and saved["rows"][0]["jit_ms"] > 0
+    names = [r["matrix"] for r in saved["gemv"]["tiny:2"]]
+    assert "wo (pallas stacked_gemv)" in names and "w_down (pallas stacked_gemv)" in names

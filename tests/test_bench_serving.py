@@ -21,7 +21,7 @@ def test_workload_shape():
     assert [r.prompt for r in again] == [r.prompt for r in work]
 
 
-@pytest.mark.slow  # ~90 s on 2 CPU cores, mostly compiling (elastic prefill in interpret mode)
+@pytest.mark.slow  # ~2 min on 2 CPU cores: 4 child processes, mostly compiling (interpret mode)
 def test_tiny_run(tmp_path):
     out = tmp_path / "serving.json"
     res = bs.main(
@@ -64,7 +64,7 @@ def test_a_failed_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     bs.main(
         ["--shape", "tiny", "--requests", "3", "--max-prompt", "256", "--max-new-cap", "2",
          "--slots", "2", "--static-b8-requests", "2", "--static-b1-requests", "1",
-         "--sections", "engine,static", "--out", str(out)]
+         "--sections", "engine,static", "--isolation", "none", "--out", str(out)]
     )  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == [
@@ -75,3 +75,55 @@ def test_a_failed_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     ]
     assert "RESOURCE_EXHAUSTED" in rows[1]["error"] and "RESOURCE_EXHAUSTED" in rows[2]["error"]
     assert rows[0]["requests"] == 3 and rows[3]["requests_per_min"] > 0
+
+
+def test_subset_stands_for_the_workload():
+    work = bs.make_workload(200, 32768, 151936, seed=0)
+    full = bs.describe(work)
+    for k in (10, 24):
+        sub = bs.subset(work, k, seed=0)
+        d = bs.describe(sub)
+        assert d["requests"] == k and len({id(r) for r in sub}) == k
+        assert d["mean_prompt"] == pytest.approx(full["mean_prompt"], rel=0.02)
+        assert d["mean_budget"] == pytest.approx(full["mean_budget"], rel=0.02)
+        per_bucket = [sum(r.bucket == b for r in sub) for b in bs._names(work)]
+        assert max(per_bucket) - min(per_bucket) <= 1  # the buckets are equal thirds
+    assert [r.prompt for r in bs.subset(work, 10, 0)] == [r.prompt for r in bs.subset(work, 10, 0)]
+    assert bs.subset(work, 0, 0) == [] and len(bs.subset(work, 500, 0)) == 200
+
+
+def _earlier_out(path, meta, rows, decode_step=None):
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "decode_step": decode_step}))
+    return str(path)
+
+
+def test_rows_from_adds_rows_of_the_same_workload_only(tmp_path):
+    work = bs.make_workload(6, 256, 512, seed=0, max_new_cap=3)
+    meta = {"workload": bs.describe(work), "seed": 0, "device": "GPU X"}
+    earlier = [
+        {"method": "hf b1", "requests_per_min": 1.0},
+        {"method": "static b8", "error": "out of memory"},
+        {"method": "engine dense", "requests_per_min": 9.0},
+    ]
+    path = _earlier_out(tmp_path / "a.json", meta, earlier, {"steps": 3, "median_ms": 1.0})
+    rows = [{"method": "engine dense", "requests_per_min": 10.0}]
+    result = {"decode_step": None}
+    mine = {"workload": bs.describe(work), "seed": 0}
+    bs._merge_rows_from(path, mine, rows, result)
+    # Its own measurement wins, errors are not carried over, the device and decode step are.
+    assert [r["method"] for r in rows] == ["engine dense", "hf b1"]
+    assert rows[0]["requests_per_min"] == 10.0
+    assert mine["device"] == "GPU X" and result["decode_step"]["steps"] == 3
+    other = {"workload": bs.describe(bs.make_workload(7, 256, 512, 0, 3)), "seed": 0}
+    with pytest.raises(ValueError, match="another workload"):
+        bs._merge_rows_from(path, other, [], {"decode_step": None})
+    elsewhere = {"workload": bs.describe(work), "seed": 0, "device": "GPU Y"}
+    with pytest.raises(ValueError, match="GPU X"):
+        bs._merge_rows_from(path, elsewhere, [], {"decode_step": None})
+
+
+def test_methods_and_sections_are_checked():
+    with pytest.raises(ValueError, match="unknown"):
+        bs.main(["--methods", "engine-fast", "--shape", "tiny"])
+    with pytest.raises(ValueError, match="sections"):
+        bs.main(["--sections", "engines", "--shape", "tiny"])

@@ -291,3 +291,24 @@ def test_residual_in_chunks_equals_whole():
     np.testing.assert_allclose(residual_in_chunks(block, h, 128), block(h), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="not a multiple of the chunk size 64"):
         residual_in_chunks(block, h, 64)
+
+
+def test_pallas_out_projection_in_the_model(tiny_qwen3):
+    """decode_out_proj="pallas" (the stacked-weight GEMV, interpret mode on CPU) gives the XLA
+    out-projection's tokens and decode logits."""
+    base = load_model(tiny_qwen3[1], page_size=16, decode_impl="reference")
+    ker = base.with_runtime(decode_out_proj="pallas")
+    prompts = [np.random.default_rng(5).integers(3, 512, n).tolist() for n in (9, 40, 23)]
+    a = generate(base, prompts, max_new_tokens=5, stop_token_ids=[])
+    b = generate(ker, prompts, max_new_tokens=5, stop_token_ids=[])
+    assert a.token_ids == b.token_ids
+    cfg = base.config
+    cache = kv_cache.create(cfg, 2, 64, page_size=16)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(3, 512, (2, 32)), jnp.int32)
+    _, cache, _ = engine.prefill_step(
+        base.params, cache, tokens, jnp.asarray([32, 17], jnp.int32), cfg, base.runtime
+    )
+    nxt = jnp.asarray([7, 11], jnp.int32)
+    want, _ = decode(base.params, cache, nxt, cfg, base.runtime)
+    got, _ = decode(ker.params, cache, nxt, cfg, ker.runtime)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)

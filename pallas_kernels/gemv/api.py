@@ -1,0 +1,96 @@
+"""Public entry point of the decode GEMV over a stacked weight (see ``pallas_triton``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _compat
+from pallas_kernels.gemv.pallas_triton import stacked_gemv_partials
+from pallas_kernels.gemv.reference import stacked_gemv_reference
+
+TARGET_PROGRAMS = 256  # about two waves of 132 SMs (H100): enough loads in flight for HBM
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """block_n: output columns per program; block_k: weight rows per loop step; splits: K
+    splits (float32 partials summed by the caller); num_warps / num_stages: Triton's."""
+
+    block_n: int = 128
+    block_k: int = 128
+    splits: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(K: int, N: int) -> GemvConfig:
+    """The widest column block (<= 128) that divides N, then K splits (<= 16, each a whole number
+    of 128-row steps) until about ``TARGET_PROGRAMS`` programs. Untuned: a starting point for
+    the GPU autotune table."""
+    block_n = next(b for b in (128, 64, 32, 16) if N % b == 0) if N % 16 == 0 else None
+    if block_n is None:
+        raise ValueError(f"stacked_gemv: N={N} must be a multiple of 16")
+    block_k = next((b for b in (128, 64, 32, 16) if K % b == 0), None)
+    if block_k is None:
+        raise ValueError(f"stacked_gemv: K={K} must be a multiple of 16")
+    splits = 1
+    while (
+        splits < 16
+        and (N // block_n) * splits < TARGET_PROGRAMS
+        and K % (2 * splits * block_k) == 0
+    ):
+        splits *= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, splits=splits)
+
+
+def _check(x: jax.Array, w: jax.Array, layer: int, cfg: GemvConfig) -> None:
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(
+            f"stacked_gemv: x must be [B, K] and w [L, K, N]; got {x.shape}, {w.shape}"
+        )
+    B, K = x.shape
+    L, Kw, N = w.shape
+    if Kw != K:
+        raise ValueError(f"stacked_gemv: x has K={K} columns, w[layer] has {Kw} rows")
+    if not isinstance(layer, int) or not 0 <= layer < L:
+        raise ValueError(f"stacked_gemv: layer={layer!r} must be a Python int in [0, {L})")
+    if N % cfg.block_n or K % (cfg.splits * cfg.block_k):
+        raise ValueError(
+            f"stacked_gemv: N={N} must divide by block_n={cfg.block_n} and K={K} by "
+            f"splits*block_k={cfg.splits}*{cfg.block_k}"
+        )
+
+
+def stacked_gemv(
+    x: jax.Array,
+    w: jax.Array,
+    layer: int,
+    *,
+    config: GemvConfig | None = None,
+    implementation: str = "pallas",
+    interpret: bool | None = None,
+) -> jax.Array:
+    """x: [B, K], w: [L, K, N] (stacked per-layer weights), layer: static int -> float32 [B, N]
+    = x @ w[layer], reading w[layer] in place. implementation: "pallas" or "reference"."""
+    if implementation == "reference":
+        return stacked_gemv_reference(x, w, layer)
+    if implementation != "pallas":
+        raise ValueError(f"implementation={implementation!r}; allowed: ('pallas', 'reference')")
+    B, K = x.shape
+    cfg = config or default_config(K, w.shape[2])
+    _check(x, w, layer, cfg)
+    parts = stacked_gemv_partials(
+        x.astype(w.dtype),
+        w,
+        layer=layer,
+        block_n=cfg.block_n,
+        block_k=cfg.block_k,
+        splits=cfg.splits,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        interpret=_compat.default_interpret() if interpret is None else interpret,
+    )
+    return jnp.sum(parts, axis=0)
