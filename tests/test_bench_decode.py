@@ -61,7 +61,7 @@ def test_steady_step_counts_only_steps_with_every_request_running():
 def test_pallas_out_projection_and_gemv_table(tmp_path):
     out = tmp_path / "decode.json"
     bench_decode.main(
-        ["--configs", "tiny:2:128", "--steps", "2", "--decode-out-proj", "pallas", "--gemv",
+        ["--configs", "tiny:2:64", "--steps", "1", "--decode-out-proj", "pallas", "--gemv",
          "--out", str(out)]
     )  # fmt: skip
     saved = json.loads(out.read_text())

@@ -295,13 +295,9 @@ def test_residual_in_chunks_equals_whole():
 
 def test_pallas_out_projection_in_the_model(tiny_qwen3):
     """decode_out_proj="pallas" (the stacked-weight GEMV, interpret mode on CPU) gives the XLA
-    out-projection's tokens and decode logits."""
+    out-projection's decode logits on a ragged batch."""
     base = load_model(tiny_qwen3[1], page_size=16, decode_impl="reference")
     ker = base.with_runtime(decode_out_proj="pallas")
-    prompts = [np.random.default_rng(5).integers(3, 512, n).tolist() for n in (9, 40, 23)]
-    a = generate(base, prompts, max_new_tokens=5, stop_token_ids=[])
-    b = generate(ker, prompts, max_new_tokens=5, stop_token_ids=[])
-    assert a.token_ids == b.token_ids
     cfg = base.config
     cache = kv_cache.create(cfg, 2, 64, page_size=16)
     tokens = jnp.asarray(np.random.default_rng(6).integers(3, 512, (2, 32)), jnp.int32)
@@ -312,3 +308,4 @@ def test_pallas_out_projection_in_the_model(tiny_qwen3):
     want, _ = decode(base.params, cache, nxt, cfg, base.runtime)
     got, _ = decode(ker.params, cache, nxt, cfg, ker.runtime)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    assert np.argmax(np.asarray(got), -1).tolist() == np.argmax(np.asarray(want), -1).tolist()

@@ -21,6 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so the ~100 s module
+# fixture below runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 WORKER_DEVICES = 8
 XATTN_STREAMING = {"retrieval_mode": "xattn", "toggle_type": "streaming"}
 
