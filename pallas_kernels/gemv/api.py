@@ -12,6 +12,9 @@ from pallas_kernels.gemv.pallas_triton import stacked_gemv_partials
 from pallas_kernels.gemv.reference import stacked_gemv_reference
 
 TARGET_PROGRAMS = 256  # about two waves of 132 SMs (H100): enough loads in flight for HBM
+TABLE_NAME = (
+    "gemv.json"  # pallas_kernels/autotune/<device_kind>/gemv.json (benchmarks/bench_gemv.py)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,24 @@ def default_config(K: int, N: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, splits=splits)
 
 
+def shape_key(B: int, K: int, N: int, dtype) -> str:
+    """Autotune key, e.g. ``B=1,K=4096,N=2560,bfloat16``."""
+    return f"B={B},K={K},N={N},{jnp.dtype(dtype).name}"
+
+
+def get_config(B: int, K: int, N: int, dtype, device_kind: str | None) -> GemvConfig:
+    """The tuned config of ``device_kind``'s table for this shape, else ``default_config``."""
+    if device_kind is not None:
+        from pallas_kernels.autotune import load_table
+
+        entry = (
+            load_table(device_kind, TABLE_NAME).get("configs", {}).get(shape_key(B, K, N, dtype))
+        )
+        if entry is not None:
+            return GemvConfig(**entry["config"])
+    return default_config(K, N)
+
+
 def _check(x: jax.Array, w: jax.Array, layer: int, cfg: GemvConfig) -> None:
     if x.ndim != 2 or w.ndim != 3:
         raise ValueError(
@@ -74,13 +95,18 @@ def stacked_gemv(
     interpret: bool | None = None,
 ) -> jax.Array:
     """x: [B, K], w: [L, K, N] (stacked per-layer weights), layer: static int -> float32 [B, N]
-    = x @ w[layer], reading w[layer] in place. implementation: "pallas" or "reference"."""
+    = x @ w[layer], reading w[layer] in place. implementation: "pallas" or "reference".
+    config: default: this GPU's autotune table entry for (B, K, N, dtype), else
+    ``default_config``."""
     if implementation == "reference":
         return stacked_gemv_reference(x, w, layer)
     if implementation != "pallas":
         raise ValueError(f"implementation={implementation!r}; allowed: ('pallas', 'reference')")
     B, K = x.shape
-    cfg = config or default_config(K, w.shape[2])
+    if config is None:
+        device = _compat.device_kind() if _compat.on_gpu() else None
+        config = get_config(B, K, w.shape[2], w.dtype, device)
+    cfg = config
     _check(x, w, layer, cfg)
     parts = stacked_gemv_partials(
         x.astype(w.dtype),

@@ -69,3 +69,41 @@ def test_gpu_matches_reference(B, K, N):
         got = stacked_gemv(x, w, layer)
         want = stacked_gemv_reference(x, w, layer)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=2e-2)
+
+
+def test_table_entry_wins_over_the_default(tmp_path, monkeypatch):
+    import json
+
+    from pallas_kernels import autotune
+    from pallas_kernels.gemv import get_config, shape_key
+
+    kind = "test_gpu_gemv_table"
+    (tmp_path / kind).mkdir()
+    tuned = {"block_n": 32, "block_k": 64, "splits": 2, "num_warps": 8, "num_stages": 3}
+    (tmp_path / kind / "gemv.json").write_text(
+        json.dumps({"configs": {shape_key(1, 256, 128, jnp.bfloat16): {"config": tuned}}})
+    )
+    monkeypatch.setattr(autotune, "TABLE_DIR", str(tmp_path))
+    assert get_config(1, 256, 128, jnp.bfloat16, kind) == GemvConfig(**tuned)
+    assert get_config(2, 256, 128, jnp.bfloat16, kind) == default_config(256, 128)  # no entry
+    assert get_config(1, 256, 128, jnp.bfloat16, None) == default_config(256, 128)
+
+
+def test_sweep_benchmark_writes_a_table(tmp_path):
+    import json
+
+    from benchmarks import bench_gemv
+
+    out, table = tmp_path / "gemv.json", tmp_path / "table.json"
+    bench_gemv.main(
+        ["--shapes", "128x64", "--batches", "1,3", "--layers", "3", "--cycle", "2", "--reps", "1",
+         "--block-n", "32,64", "--block-k", "64", "--splits", "1,2", "--warps", "4",
+         "--out", str(out), "--table", str(table)]
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"xla", "pallas default", "pallas"}
+    assert all(r["us"] > 0 for r in rows if "error" not in r)
+    configs = json.loads(table.read_text())["configs"]
+    assert set(configs) == {"B=1,K=128,N=64,bfloat16", "B=3,K=128,N=64,bfloat16"}
+    for entry in configs.values():
+        GemvConfig(**entry["config"])  # readable by get_config
