@@ -21,10 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# One xdist worker runs this whole file (pyproject: --dist loadgroup), so the ~100 s module
-# fixture below runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("sharding")
-
 WORKER_DEVICES = 8
 XATTN_STREAMING = {"retrieval_mode": "xattn", "toggle_type": "streaming"}
 
@@ -197,18 +193,8 @@ def _worker(spec_path: str, out_path: str) -> None:
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def results(tiny_checkpoints, tiny_paw_checkpoints, tmp_path_factory):
-    """Build the checkpoints here, run every case in one subprocess with fake devices."""
-    spec = {}
-    for name, case in CASES.items():
-        heads = {"num_attention_heads": 8, "num_key_value_heads": case["kv"]}
-        if case["kind"] == "qwen":
-            _, conv = tiny_checkpoints(**heads)
-        else:
-            _, conv = tiny_paw_checkpoints(elastic=XATTN_STREAMING, **heads)
-        spec[name] = {**case, "path": str(conv)}
-    tmp = tmp_path_factory.mktemp("sharding")
+def _run_cases(spec: dict, tmp: Path) -> None:
+    """Run every case in one subprocess with fake devices; it writes results.npz/.json in tmp."""
     spec_path, out_path = tmp / "spec.json", tmp / "results.npz"
     spec_path.write_text(json.dumps(spec))
     repo = Path(__file__).resolve().parents[1]
@@ -227,9 +213,40 @@ def results(tiny_checkpoints, tiny_paw_checkpoints, tmp_path_factory):
         timeout=600,
     )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    arrays = dict(np.load(out_path))
-    meta = json.loads(out_path.with_suffix(".json").read_text())
-    return arrays, meta
+
+
+def _load(tmp: Path):
+    out_path = tmp / "results.npz"
+    return dict(np.load(out_path)), json.loads(out_path.with_suffix(".json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tiny_checkpoints, tiny_paw_checkpoints, tmp_path_factory):
+    """Build the checkpoints here, run every case in one subprocess with fake devices. Under
+    pytest-xdist the workers share one run (~100 s on 2 cores): the first to take the lock in the
+    run's common temp dir runs it, the others read its files."""
+    spec = {}
+    for name, case in CASES.items():
+        heads = {"num_attention_heads": 8, "num_key_value_heads": case["kv"]}
+        if case["kind"] == "qwen":
+            _, conv = tiny_checkpoints(**heads)
+        else:
+            _, conv = tiny_paw_checkpoints(elastic=XATTN_STREAMING, **heads)
+        spec[name] = {**case, "path": str(conv)}
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        tmp = tmp_path_factory.mktemp("sharding")
+        _run_cases(spec, tmp)
+        return _load(tmp)
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent  # <run>/popen-gwN -> <run>, one per run
+    with open(shared / "sharding.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "sharding_results"
+        if not (done / "results.json").exists():
+            done.mkdir(exist_ok=True)
+            _run_cases(spec, done)
+        return _load(done)
 
 
 # ------------------------------------------------------------------------------ tests
