@@ -40,6 +40,7 @@ from benchmarks.bench_model import filled_cache, make_config, median_seconds, ti
 from benchmarks.shapes import SHAPES
 from elastic_jax import engine
 from elastic_jax.config import ModelConfig, RuntimeConfig
+from elastic_jax.model import resolve_decode_out_proj
 from elastic_jax.params import Params, init_random
 from elastic_jax.sampling import SamplingParams
 
@@ -227,10 +228,12 @@ def gemv_table(params: Params, cfg: ModelConfig, batch: int, copy_bw: float) -> 
         t = median_seconds(f, 10, x, w) / w.shape[0]
         rows.append({"matrix": name, "shape": list(w.shape[1:]), **_rates(w[0].nbytes, t, copy_bw)})
         if name in ("wo", "w_down"):  # the same products through the stacked-weight Pallas GEMV
+            # (bench_gemv imports this module: imported here; 4 layers of the stack, not all,
+            # so the table does not compile one kernel per layer)
+            from benchmarks.bench_gemv import time_stacked
             from pallas_kernels.gemv import stacked_gemv
 
-            g = jax.jit(lambda x, w: [stacked_gemv(x, w, i) for i in range(w.shape[0])])
-            t = median_seconds(g, 10, x, w) / w.shape[0]
+            t = time_stacked(stacked_gemv, x, w, reps=10, cycle=4)
             rows.append(
                 {"matrix": f"{name} (pallas stacked_gemv)", "shape": list(w.shape[1:]),
                  **_rates(w[0].nbytes, t, copy_bw)}
@@ -313,8 +316,8 @@ def main(argv=None):
     p.add_argument("--decode-impl", default="auto")
     p.add_argument(
         "--decode-out-proj",
-        default="xla",
-        choices=("xla", "pallas"),
+        default="auto",
+        choices=("auto", "xla", "pallas"),
         help="the attention out-projection in decode (RuntimeConfig.decode_out_proj)",
     )
     p.add_argument("--dump-hlo", default=None, help="directory: write each step's optimized HLO")
@@ -355,7 +358,7 @@ def main(argv=None):
             "kv_gb": kv / 1e9,
             "ideal_ms": ideal_ms,
             "label": args.label,
-            "decode_out_proj": args.decode_out_proj,
+            "decode_out_proj": resolve_decode_out_proj(rt, cfg),
         }
         try:
             sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps)
@@ -381,7 +384,7 @@ def main(argv=None):
                     {
                         "copy_bw_tb_s": copy_bw / 1e12,
                         "label": args.label,
-                        "decode_out_proj": args.decode_out_proj,
+                        "decode_out_proj": resolve_decode_out_proj(rt, cfg),
                         "rows": rows,
                     },
                     f,
@@ -402,7 +405,7 @@ def main(argv=None):
         "torch_memcpy_bw_tb_s": None if torch_bw is None else torch_bw / 1e12,
         "steps": args.steps,
         "label": args.label,
-        "decode_out_proj": args.decode_out_proj,
+        "decode_out_proj": args.decode_out_proj,  # as asked; each row has it resolved
     }
     print(
         f"\n{meta['device']}  jax {meta['jax']}  copy {meta['copy_bw_tb_s']:.3f} TB/s  {args.label}"

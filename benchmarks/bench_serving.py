@@ -449,7 +449,8 @@ def _parse_methods(args) -> list[str]:
     bad = [m for m in names if m not in (*METHODS, "hf")]
     if bad:
         raise ValueError(f"--methods: unknown {bad}; allowed: hf, {', '.join(METHODS)}")
-    return names
+    order = ("hf", *METHODS)  # the documented order, whatever order they were asked in
+    return sorted(dict.fromkeys(names), key=order.index)
 
 
 def _workload_argv(args) -> list[str]:
@@ -624,8 +625,9 @@ def main(argv=None) -> dict:
 def _run_isolated(args, methods, meta, rows, result, save) -> None:
     from benchmarks.bench_decode import torch_copy_bandwidth
 
-    # cudaMemcpy bandwidth before any child takes the GPU (None without torch / CUDA).
-    copy_bw = torch_copy_bandwidth()
+    # cudaMemcpy bandwidth before any child takes the GPU (None without torch / CUDA); only the
+    # engine-elastic row reports the decode step against it.
+    copy_bw = torch_copy_bandwidth() if "engine-elastic" in methods else None
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             res = run_method_child(

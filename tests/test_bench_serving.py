@@ -124,3 +124,8 @@ def test_methods_and_sections_are_checked():
         bs.main(["--methods", "engine-fast", "--shape", "tiny"])
     with pytest.raises(ValueError, match="sections"):
         bs.main(["--sections", "engines", "--shape", "tiny"])
+
+
+def test_methods_run_in_the_documented_order():
+    args = bs.argparse.Namespace(methods="engine-dense,hf,static-b1,engine-elastic,hf")
+    assert bs._parse_methods(args) == ["hf", "engine-elastic", "static-b1", "engine-dense"]

@@ -3,6 +3,8 @@ forward, chunked prefill equals one-shot prefill, paged cache layout does not ma
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,9 @@ import pytest
 import torch
 
 from elastic_jax import engine, generate, kv_cache, load_model
+from elastic_jax.config import RuntimeConfig
 from elastic_jax.model import decode, forward, prefill
+from pallas_kernels._compat import on_gpu
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +301,7 @@ def test_pallas_out_projection_in_the_model(tiny_qwen3):
     """decode_out_proj="pallas" (the stacked-weight GEMV, interpret mode on CPU) gives the XLA
     out-projection's decode logits on a ragged batch."""
     base = load_model(tiny_qwen3[1], page_size=16, decode_impl="reference")
+    base = base.with_runtime(decode_out_proj="xla")
     ker = base.with_runtime(decode_out_proj="pallas")
     cfg = base.config
     cache = kv_cache.create(cfg, 2, 64, page_size=16)
@@ -309,3 +314,16 @@ def test_pallas_out_projection_in_the_model(tiny_qwen3):
     got, _ = decode(ker.params, cache, nxt, cfg, ker.runtime)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
     assert np.argmax(np.asarray(got), -1).tolist() == np.argmax(np.asarray(want), -1).tolist()
+
+
+def test_decode_out_projection_auto_is_xla_off_gpu(tiny_qwen3):
+    from elastic_jax.model import resolve_decode_out_proj
+
+    cfg = load_model(tiny_qwen3[1]).config
+    assert resolve_decode_out_proj(RuntimeConfig(), cfg) == ("pallas" if on_gpu() else "xla")
+    assert resolve_decode_out_proj(RuntimeConfig(decode_out_proj="pallas"), cfg) == "pallas"
+    odd = dataclasses.replace(cfg, hidden_size=cfg.hidden_size + 8)  # no 16-column tiling
+    assert resolve_decode_out_proj(RuntimeConfig(), odd) == "xla"
+    assert resolve_decode_out_proj(RuntimeConfig(decode_impl="reference"), cfg) == "xla"
+    with pytest.raises(ValueError, match="decode_out_proj"):
+        RuntimeConfig(decode_out_proj="cublas")

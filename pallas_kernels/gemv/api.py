@@ -29,11 +29,16 @@ class GemvConfig:
     num_stages: int = 3
 
 
+def supported(K: int, N: int) -> bool:
+    """Whether ``default_config`` (so ``stacked_gemv`` without a config) handles [K, N]."""
+    return K % 16 == 0 and N % 16 == 0
+
+
 def default_config(K: int, N: int) -> GemvConfig:
     """The widest column block (<= 128) that divides N, then K splits (<= 16, each a whole number
     of 128-row steps) until about ``TARGET_PROGRAMS`` programs. Untuned: a starting point for
     the GPU autotune table."""
-    block_n = next(b for b in (128, 64, 32, 16) if N % b == 0) if N % 16 == 0 else None
+    block_n = next((b for b in (128, 64, 32, 16) if N % b == 0), None)
     if block_n is None:
         raise ValueError(f"stacked_gemv: N={N} must be a multiple of 16")
     block_k = next((b for b in (128, 64, 32, 16) if K % b == 0), None)
@@ -102,11 +107,10 @@ def stacked_gemv(
         return stacked_gemv_reference(x, w, layer)
     if implementation != "pallas":
         raise ValueError(f"implementation={implementation!r}; allowed: ('pallas', 'reference')")
-    B, K = x.shape
-    if config is None:
-        device = _compat.device_kind() if _compat.on_gpu() else None
-        config = get_config(B, K, w.shape[2], w.dtype, device)
     cfg = config
+    if cfg is None:  # shapes read loosely here: _check names a wrong rank below
+        device = _compat.device_kind() if _compat.on_gpu() else None
+        cfg = get_config(x.shape[0], x.shape[-1], w.shape[-1], w.dtype, device)
     _check(x, w, layer, cfg)
     parts = stacked_gemv_partials(
         x.astype(w.dtype),
