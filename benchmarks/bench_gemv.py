@@ -9,10 +9,14 @@ x @ w[l] for --cycle (4) layers spread over the stack (84 MB or more: past the 5
 the median of --reps calls and divided by the layers. Rows: XLA (``x @ w[l]``: the model's decode path, which
 may copy each slice first), each Pallas config of the sweep (block_n x block_k x splits x warps),
 the best config. Rate = weight bytes / time, beside the copy bandwidth measured in the run.
+At B = 1 the sweep adds the CUDA-core configs (``tensor_cores=False``: no 16-row padding of x;
+``--cuda-core-block-k``). The timed call pads its one x once for all layers; in the model each
+layer's pad is fused into the op that produces x.
 Default shapes: the out-projection and down-projection of the Qwen3 4B and 8B shapes at B = 1,
 8, 16. ``--table`` writes the best config per shape in the format ``stacked_gemv`` reads
 (commit it under ``pallas_kernels/autotune/<device_kind>/``). Time (estimated, not measured):
-16 configs x 12 shapes, each a compile of 4 kernels plus 10 timed calls, ~5-8 min on an H100;
+16 configs x 12 shapes (+16 at each B = 1 shape), each a compile of 4 kernels plus 10 timed
+calls, ~6-9 min on an H100;
 ``--max-seconds`` (540) stops the sweep early and says so in the JSON.
 """
 
@@ -33,11 +37,24 @@ from pallas_kernels.gemv import GemvConfig, default_config, shape_key, stacked_g
 DEFAULT_SHAPES = "4096x2560,4096x4096,9728x2560,12288x4096"  # K x N: wo 4B/8B, w_down 4B/8B
 
 
-def sweep_configs(K: int, N: int, block_ns, block_ks, splits, warps) -> list[GemvConfig]:
+def sweep_configs(
+    K: int, N: int, block_ns, block_ks, splits, warps, B: int = 1, cuda_core_block_ks=()
+) -> list[GemvConfig]:
+    """Tensor-core configs, then (one row only) the CUDA-core ones, whose [block_k, block_n]
+    product tile lives in registers, hence their own (smaller) block_k list."""
     out = []
     for bn, bk, s, w in itertools.product(block_ns, block_ks, splits, warps):
         if N % bn == 0 and K % (s * bk) == 0:
             out.append(GemvConfig(block_n=bn, block_k=bk, splits=s, num_warps=w, num_stages=3))
+    if B == 1:
+        for bn, bk, s, w in itertools.product(block_ns, cuda_core_block_ks, splits, warps):
+            if N % bn == 0 and K % (s * bk) == 0:
+                out.append(
+                    GemvConfig(
+                        block_n=bn, block_k=bk, splits=s, num_warps=w, num_stages=3,
+                        tensor_cores=False,
+                    )
+                )  # fmt: skip
     return out
 
 
@@ -60,6 +77,9 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--block-n", default="64,128")
     p.add_argument("--block-k", default="128,256")
+    p.add_argument(
+        "--cuda-core-block-k", default="32,64", help="block_k of the B=1 tensor_cores=False configs"
+    )
     p.add_argument("--splits", default="2,4,8,16")
     p.add_argument("--warps", default="4")
     p.add_argument("--max-seconds", type=float, default=540, help="stop sweeping after this")
@@ -89,8 +109,9 @@ def main(argv=None) -> dict:
 
             row("xla", time_stacked(lambda x, w, i: x @ w[i], x, w, args.reps, args.cycle))
             cfgs = sweep_configs(
-                K, N, ints(args.block_n), ints(args.block_k), ints(args.splits), ints(args.warps)
-            )
+                K, N, ints(args.block_n), ints(args.block_k), ints(args.splits), ints(args.warps),
+                B=B, cuda_core_block_ks=ints(args.cuda_core_block_k),
+            )  # fmt: skip
             default = default_config(K, N)
             cfgs = [default] + [c for c in cfgs if c != default]
             for cfg in cfgs:

@@ -20,13 +20,16 @@ TABLE_NAME = (
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """block_n: output columns per program; block_k: weight rows per loop step; splits: K
-    splits (float32 partials summed by the caller); num_warps / num_stages: Triton's."""
+    splits (float32 partials summed by the caller); num_warps / num_stages: Triton's;
+    tensor_cores: a Triton dot on x padded to 16 rows (True), or multiply + column sum on the
+    CUDA cores without padding (False; one row only)."""
 
     block_n: int = 128
     block_k: int = 128
     splits: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tensor_cores: bool = True
 
 
 def supported(K: int, N: int) -> bool:
@@ -83,6 +86,8 @@ def _check(x: jax.Array, w: jax.Array, layer: int, cfg: GemvConfig) -> None:
         raise ValueError(f"stacked_gemv: x has K={K} columns, w[layer] has {Kw} rows")
     if not isinstance(layer, int) or not 0 <= layer < L:
         raise ValueError(f"stacked_gemv: layer={layer!r} must be a Python int in [0, {L})")
+    if not cfg.tensor_cores and B != 1:
+        raise ValueError(f"stacked_gemv: GemvConfig(tensor_cores=False) takes one row; got B={B}")
     if N % cfg.block_n or K % (cfg.splits * cfg.block_k):
         raise ValueError(
             f"stacked_gemv: N={N} must divide by block_n={cfg.block_n} and K={K} by "
@@ -121,6 +126,7 @@ def stacked_gemv(
         splits=cfg.splits,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        tensor_cores=cfg.tensor_cores,
         interpret=_compat.default_interpret() if interpret is None else interpret,
     )
     return jnp.sum(parts, axis=0)

@@ -10,7 +10,10 @@ Grid ``(N / block_n, splits)``: program ``(n, s)`` reads the ``[K / splits, bloc
 ``w[layer]`` in ``block_k`` row chunks and writes a float32 partial ``[rows, block_n]``; the
 caller sums the ``splits`` partials (XLA fuses that sum into its consumer). Splitting K keeps
 enough programs in flight to saturate HBM when ``N / block_n`` alone is below the SM count.
-``x`` rows are padded to 16 (a Triton dot needs M >= 16).
+``x`` rows are padded to 16 (a Triton dot needs M >= 16). With ``tensor_cores=False`` (one row
+only) each step is a multiply and a column sum on the CUDA cores instead: no padding (XLA wrote a
+[16, K] padded copy of ``x`` before every call, fused with its producer) and no 15 zero rows in
+the dot; which is faster is the autotune table's call (``benchmarks/bench_gemv.py``).
 """
 
 from __future__ import annotations
@@ -27,19 +30,27 @@ from pallas_kernels import _compat
 _MIN_DOT_ROWS = 16
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
-    """x_ref [Bp, Ks], w_ref [Ks, bn], o_ref [Bp, bn] float32 (one split's partial)."""
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, tensor_cores: bool):
+    """x_ref [Bp, Ks], w_ref [Ks, bn], o_ref [Bp, bn] float32 (one split's partial); without
+    tensor cores Bp is 1 and the accumulator a [bn] vector."""
     steps = w_ref.shape[0] // block_k
 
     def body(i, acc):
         k0 = pl.multiple_of(i * block_k, block_k)
-        xs = x_ref[:, pl.ds(k0, block_k)]
         ws = w_ref[pl.ds(k0, block_k), :]
+        if not tensor_cores:  # [bk] x [bk, bn] -> [bn]
+            xs = x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)
+            return acc + jnp.sum(xs[:, None] * ws.astype(jnp.float32), axis=0)
+        xs = x_ref[:, pl.ds(k0, block_k)]
         return acc + lax.dot_general(
             xs, ws, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
 
-    o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+    if tensor_cores:
+        o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+    else:
+        acc = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[1:], jnp.float32))
+        o_ref[...] = acc[None, :]
 
 
 @functools.partial(
@@ -51,6 +62,7 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
         "splits",
         "num_warps",
         "num_stages",
+        "tensor_cores",
         "interpret",
     ),
 )
@@ -65,15 +77,19 @@ def stacked_gemv_partials(
     num_warps: int,
     num_stages: int,
     interpret: bool,
+    tensor_cores: bool = True,
 ) -> jax.Array:
-    """x: [B, K], w: [L, K, N] -> float32 partials [splits, B, N] (sum over axis 0 = x @ w[layer])."""
+    """x: [B, K], w: [L, K, N] -> float32 partials [splits, B, N] (sum over axis 0 = x @ w[layer]).
+    ``tensor_cores=False`` needs B == 1."""
     B, K = x.shape
     _, _, N = w.shape
-    rows = max(_MIN_DOT_ROWS, -(-B // _MIN_DOT_ROWS) * _MIN_DOT_ROWS)
+    if not tensor_cores and B != 1:
+        raise ValueError(f"stacked_gemv: tensor_cores=False takes one row; got B={B}")
+    rows = max(_MIN_DOT_ROWS, -(-B // _MIN_DOT_ROWS) * _MIN_DOT_ROWS) if tensor_cores else 1
     ks = K // splits
     xp = jnp.pad(x, ((0, rows - B), (0, 0))) if rows != B else x
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k),
+        functools.partial(_kernel, block_k=block_k, tensor_cores=tensor_cores),
         grid=(N // block_n, splits),
         in_specs=[
             pl.BlockSpec((rows, ks), lambda n, s: (0, s)),

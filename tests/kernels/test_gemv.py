@@ -22,6 +22,8 @@ def _inputs(B, K, N, L, dtype=jnp.bfloat16, seed=0):
         (2, 512, 256, 2, GemvConfig(block_n=64, block_k=32, splits=4)),
         (16, 256, 128, 2, GemvConfig(block_n=128, block_k=64, splits=1)),
         (17, 128, 64, 1, None),  # rows padded to 32
+        (1, 256, 128, 3, GemvConfig(block_n=64, block_k=32, splits=2, tensor_cores=False)),
+        (1, 512, 64, 2, GemvConfig(block_n=64, block_k=64, splits=1, tensor_cores=False)),
     ],
 )
 def test_matches_reference(B, K, N, L, config):
@@ -55,6 +57,8 @@ def test_bad_input_is_named():
         stacked_gemv(x, w, 0, config=GemvConfig(block_n=96), interpret=True)
     with pytest.raises(ValueError, match="multiple of 16"):
         stacked_gemv(x[:, :100], w[:, :100], 0, interpret=True)
+    with pytest.raises(ValueError, match="one row"):
+        stacked_gemv(x, w, 0, config=GemvConfig(block_n=64, tensor_cores=False), interpret=True)
     with pytest.raises(ValueError, match="implementation"):
         stacked_gemv(x, w, 0, implementation="cuda")
 
@@ -67,6 +71,19 @@ def test_gpu_matches_reference(B, K, N):
     x, w = _inputs(B, K, N, 36)
     for layer in (0, 35):
         got = stacked_gemv(x, w, layer)
+        want = stacked_gemv_reference(x, w, layer)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_gpu_cuda_core_path_matches_reference(block_k):
+    """The one-row CUDA-core path compiled at the 4B out-projection size."""
+    x, w = _inputs(1, 4096, 2560, 36)
+    cfg = GemvConfig(block_n=128, block_k=block_k, splits=8, tensor_cores=False)
+    for layer in (0, 35):
+        got = stacked_gemv(x, w, layer, config=cfg)
         want = stacked_gemv_reference(x, w, layer)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=2e-2)
 
