@@ -1,7 +1,8 @@
 """Device benchmark and autotuner of paged decode attention (one run, one GPU).
 
 For each shape (context L, batch B, page size N; H=32, K=8, D=128, bf16, every sequence at
-length L) it times, in the same process:
+length L, except the ragged shape: lengths as in the serving engine's steady state, Pallas and
+the reference only, no table entry) it times, in the same process:
 
 - the Pallas Triton kernel over a small search space of ``PagedDecodeConfig`` (the best one goes
   into the autotune table),
@@ -82,6 +83,22 @@ class Shape:
     batch: int
     page_size: int
     search: str  # "full": splits, then knobs, then splits again; "splits": splits only
+    ragged: bool = False  # lengths as in the serving engine's steady state (RAGGED_FRACTIONS)
+
+
+# Fractions of the table length held by the rows of a ragged batch: one row at the full length,
+# the rest short, about the serving benchmark's steady state (8 slots, 65K tokens cached in all
+# at a 32K table, BENCHMARKS.md "Serving"). Each row's work is split into num_splits programs, so
+# the long row's programs set the kernel time; the ragged shapes time that case, which the
+# uniform shapes (every row at the full length) cannot show. They write no autotune entry.
+RAGGED_FRACTIONS = (1.0, 0.1, 0.15, 0.25, 0.1, 0.3, 0.12, 0.2)
+
+
+def row_lengths(s: Shape) -> list[int]:
+    if not s.ragged:
+        return [s.context] * s.batch
+    fr = RAGGED_FRACTIONS
+    return [max(1, int(s.context * fr[b % len(fr)])) for b in range(s.batch)]
 
 
 SHAPES = (
@@ -95,6 +112,7 @@ SHAPES = (
     Shape(65536, 8, 64, "full"),
     Shape(65536, 1, 256, "full"),
     Shape(65536, 8, 256, "full"),
+    Shape(32768, 8, 128, "splits", ragged=True),
 )
 
 # (pages_per_block, page_chunks, num_warps, num_stages) per page size; the K+V tiles of all
@@ -107,7 +125,8 @@ KNOBS: Mapping[int, tuple[tuple[int, int, int, int], ...]] = {
 
 
 def kv_bytes(s: Shape) -> int:
-    return 2 * s.batch * s.context * K * D * jnp.dtype(DTYPE).itemsize
+    """K/V bytes one call reads (the rows' actual lengths)."""
+    return 2 * sum(row_lengths(s)) * K * D * jnp.dtype(DTYPE).itemsize
 
 
 def median_s(times: list[float]) -> float:
@@ -229,7 +248,8 @@ def rel_err(a, b) -> float | None:
 def make_cache(s: Shape, seed: int):
     """Pages for ``n_sets`` disjoint page tables (rotated between calls), shuffled."""
     set_pages = s.batch * s.context // s.page_size
-    n_sets = int(min(4, max(1, math.ceil(L2_ROTATE_BYTES / kv_bytes(s)))))
+    full_bytes = 2 * s.batch * s.context * K * D * jnp.dtype(DTYPE).itemsize
+    n_sets = int(min(4, max(1, math.ceil(L2_ROTATE_BYTES / full_bytes))))
     num_pages = set_pages * n_sets
     keys = jax.random.split(jax.random.key(seed), 4)
     shape = (K, num_pages, s.page_size, D)
@@ -238,7 +258,7 @@ def make_cache(s: Shape, seed: int):
     qs = list(jax.random.normal(keys[2], (QS_PER_SHAPE, s.batch, H, D), DTYPE))
     perm = jax.random.permutation(keys[3], num_pages).astype(jnp.int32)
     tables = tuple(perm.reshape(n_sets, s.batch, -1)[i] for i in range(n_sets))
-    lengths = jnp.full((s.batch,), s.context, jnp.int32)
+    lengths = jnp.asarray(row_lengths(s), jnp.int32)
     return qs, k_pages, v_pages, tables, lengths
 
 
@@ -278,6 +298,7 @@ class Bench:
             context=s.context,
             batch=s.batch,
             page_size=s.page_size,
+            ragged=s.ragged,
             impl=impl,
             us=None if sec is None else sec * 1e6,
             tbps=None if sec is None else kv_bytes(s) / sec / 1e12,
@@ -375,7 +396,10 @@ class Bench:
         over = self.elapsed() > self.args.budget_s
         try_cfg(heur)
         if not over:
-            for splits in split_candidates(s, blocks_of(base_knobs), self.num_sms, True):
+            cands = split_candidates(s, blocks_of(base_knobs), self.num_sms, True)
+            if s.ragged:  # finer splits shorten the long row's programs
+                cands = sorted(set(cands) | {c for c in (16, 32, 64) if c <= blocks_of(base_knobs)})
+            for splits in cands:
                 try_cfg(knobs_cfg(base_knobs, splits))
         if s.search == "full" and results and self.elapsed() < self.args.budget_s:
             best = min(results, key=lambda c: results[c][0])
@@ -394,7 +418,11 @@ class Bench:
         return best, results
 
     def run_shape(self, s: Shape):
-        print(f"\n== L={s.context} B={s.batch} N={s.page_size} (t={self.elapsed():.0f}s)")
+        print(
+            f"\n== L={s.context} B={s.batch} N={s.page_size}"
+            + (f" ragged {row_lengths(s)}" if s.ragged else "")
+            + f" (t={self.elapsed():.0f}s)"
+        )
         t_est = kv_bytes(s) / EST_BW
         data = make_cache(s, seed=s.context + s.batch + s.page_size)
         qs, k_pages, v_pages, tables, lengths = data
@@ -431,11 +459,15 @@ class Bench:
                     s, "pallas triton (tuned), 1 jit/call", sec_d, "host dispatch each call"
                 )
             key = shape_key(s.batch, H, K, s.context // s.page_size, s.page_size, D, DTYPE)
-            self.table[key] = dict(
-                config=dataclasses.asdict(best),
-                us=round(sec * 1e6, 2),
-                tbps=round(kv_bytes(s) / sec / 1e12, 3),
-            )
+            if not s.ragged:  # no table entry from ragged rows: the key means uniform lengths
+                self.table[key] = dict(
+                    config=dataclasses.asdict(best),
+                    us=round(sec * 1e6, 2),
+                    tbps=round(kv_bytes(s) / sec / 1e12, 3),
+                )
+
+        if s.ragged:  # the contiguous peers below assume every row at the full length
+            return
 
         # Contiguous baselines (first table set only; each still reads 2*B*L*K*D elements).
         kc = contiguous(k_pages, tables[0], s)
@@ -541,6 +573,7 @@ def markdown(rows: list[dict]) -> str:
         base = sdpa.get((r["context"], r["batch"], r["page_size"]))
         speed = f"{base / r['us']:.2f}x" if base else ""
         note = r["note"] + ("" if r["rel_err"] is None else f" err {r['rel_err']:.1e}")
+        note = ("ragged lengths; " if r.get("ragged") else "") + note
         lines.append(
             f"| {r['context'] // 1024}K | {r['batch']} | {r['page_size']} | {r['impl']} | "
             f"{r['us']:.1f} | {r['tbps']:.2f} | {speed} | {note.strip()} |"
@@ -572,7 +605,11 @@ def main():
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     rs = SMOKE_SETTINGS if args.smoke else DEVICE_SETTINGS
     if args.smoke:
-        shapes = [Shape(1024, 1, 128, "full"), Shape(512, 2, 64, "splits")]
+        shapes = [
+            Shape(1024, 1, 128, "full"),
+            Shape(512, 2, 64, "splits"),
+            Shape(512, 3, 64, "splits", ragged=True),
+        ]
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({_compat.device_kind()}), jax {jax.__version__}")
     if torch is not None:
