@@ -376,32 +376,57 @@ def run_engine(model, reqs: list[Request], slots: int, pool_tokens: int | None, 
     return summary("engine", reqs, wall, queue, cc.count, **extra), steady
 
 
+def _static_group_note(model, group: list[Request], i: int, n: int) -> str:
+    """Which static batch failed and what the memory model predicted for it."""
+    from elastic_jax import engine, memory
+
+    cfg, rt = model.config, model.runtime
+    T = engine.prompt_bucket(max(len(r.prompt) for r in group), rt.prefill_chunk)
+    N = rt.page_size  # as generate._cache_capacity: bucketed, capped at the model's max tokens
+    cap = engine.capacity_bucket(max(len(r.prompt) + r.max_new_tokens for r in group), N)
+    cap = min(cap, -(-model.max_tokens // N) * N)
+    B = engine.batch_bucket(len(group))
+    est = memory.peak_estimate(cfg, rt, T, B, cap)
+    return (
+        f"warm-up batch {i + 1}/{n}: batch {B}, prompt bucket {T}, cache {cap} tokens/row, "
+        f"predicted peak {est.total / 2**30:.1f} GiB ({est.phase})"
+    )
+
+
 def run_static(model, reqs: list[Request], batch: int) -> dict:
     """Today's path: ``generate_static`` on consecutive batches of ``batch`` requests."""
     from elastic_jax.generate import generate_static, generate_static_iter
 
     groups = [reqs[i : i + batch] for i in range(0, len(reqs), batch)]
     t0 = time.perf_counter()
-    for g in groups:  # warm-up: each batch's shapes (prompt bucket, batch, capacity)
-        it = generate_static_iter(
-            model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
-            stop_token_ids=[],
-        )  # fmt: skip
-        for _ in range(2 * len(g)):
-            if next(it, None) is None:
-                break
-        it.close()
+    for i, g in enumerate(groups):  # warm-up: each batch's shapes (prompt bucket, batch, capacity)
+        try:
+            it = generate_static_iter(
+                model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
+                stop_token_ids=[],
+            )  # fmt: skip
+            for _ in range(2 * len(g)):
+                if next(it, None) is None:
+                    break
+            it.close()
+        except Exception as e:
+            e.add_note(_static_group_note(model, g, i, len(groups)))
+            raise
     warm_s = time.perf_counter() - t0
     queue = []
     prefill_s = 0.0
     with CompileCounter() as cc:
         t0 = time.perf_counter()
-        for g in groups:
+        for i, g in enumerate(groups):
             start = time.perf_counter() - t0
-            res = generate_static(
-                model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
-                stop_token_ids=[],
-            )  # fmt: skip
+            try:
+                res = generate_static(
+                    model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
+                    stop_token_ids=[],
+                )  # fmt: skip
+            except Exception as e:
+                e.add_note(_static_group_note(model, g, i, len(groups)).replace("warm-up", "timed"))
+                raise
             assert [len(t) for t in res.token_ids] == [r.max_new_tokens for r in g]
             queue += [start] * len(g)
             prefill_s += res.timings[0].prefill_ms / 1e3  # the whole batch's prefill
@@ -685,8 +710,13 @@ def _run_in_process(args, methods, work, subsets, meta, rows, result, save) -> N
         try:
             return run_static(dense, reqs, batch)
         except Exception as e:  # noqa: BLE001 - an OOM here must not lose the other rows
+            row = {"method": f"static b{batch}", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            row["error_context"] = getattr(e, "__notes__", [])  # which batch, its predicted peak
+            stats = dev.memory_stats() or {}  # the allocator at the failure (None on CPU)
+            keep = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_free_block_bytes")
+            row["memory_stats_gib"] = {k: stats[k] / 2**30 for k in keep if k in stats}
             gc.collect()
-            return {"method": f"static b{batch}", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            return row
 
     run = {
         "engine-elastic": lambda: engine_row("engine elastic", base),

@@ -60,7 +60,11 @@ def test_a_failed_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (simulated)")
 
-    monkeypatch.setattr(bs, "run_static", out_of_memory)
+    import importlib
+
+    # The module, not the package's ``generate`` function of the same name.
+    generate_module = importlib.import_module("elastic_jax.generate")
+    monkeypatch.setattr(generate_module, "generate_static_iter", out_of_memory)
     out = tmp_path / "serving.json"
     bs.main(
         ["--shape", "tiny", "--requests", "3", "--max-prompt", "256", "--max-new-cap", "2",
@@ -71,6 +75,9 @@ def test_a_failed_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["static b8", "static b1", "engine dense"]
     assert "RESOURCE_EXHAUSTED" in rows[0]["error"] and "RESOURCE_EXHAUSTED" in rows[1]["error"]
+    # The row names the static batch that failed and the memory model's prediction for it.
+    (note,) = rows[0]["error_context"]
+    assert note.startswith("warm-up batch 1/1: batch 2, prompt bucket") and "predicted peak" in note
     assert rows[2]["requests"] == 3 and rows[2]["requests_per_min"] > 0
 
 
