@@ -384,7 +384,7 @@ def main(argv=None):
                     {
                         "copy_bw_tb_s": copy_bw / 1e12,
                         "label": args.label,
-                        "decode_out_proj": resolve_decode_out_proj(rt, cfg),
+                        "decode_out_proj": args.decode_out_proj,  # as asked; rows: resolved
                         "rows": rows,
                     },
                     f,

@@ -376,31 +376,34 @@ def run_engine(model, reqs: list[Request], slots: int, pool_tokens: int | None, 
     return summary("engine", reqs, wall, queue, cc.count, **extra), steady
 
 
-def _static_group_note(model, group: list[Request], i: int, n: int) -> str:
-    """Which static batch failed and what the memory model predicted for it."""
+def _static_group_note(model, group: list[Request], phase: str, i: int, n: int) -> str:
+    """Which static batch failed and what the memory model predicted for it (the prompt bucket,
+    batch bucket and cache capacity ``generate_static`` gives it)."""
     from elastic_jax import engine, memory
+    from elastic_jax.generate import _cache_capacity
 
     cfg, rt = model.config, model.runtime
     T = engine.prompt_bucket(max(len(r.prompt) for r in group), rt.prefill_chunk)
-    N = rt.page_size  # as generate._cache_capacity: bucketed, capped at the model's max tokens
-    cap = engine.capacity_bucket(max(len(r.prompt) + r.max_new_tokens for r in group), N)
-    cap = min(cap, -(-model.max_tokens // N) * N)
+    cap = _cache_capacity(model, [r.prompt for r in group], [r.max_new_tokens for r in group])
     B = engine.batch_bucket(len(group))
     est = memory.peak_estimate(cfg, rt, T, B, cap)
     return (
-        f"warm-up batch {i + 1}/{n}: batch {B}, prompt bucket {T}, cache {cap} tokens/row, "
+        f"{phase} batch {i + 1}/{n}: batch {B}, prompt bucket {T}, cache {cap} tokens/row, "
         f"predicted peak {est.total / 2**30:.1f} GiB ({est.phase})"
     )
 
 
 def run_static(model, reqs: list[Request], batch: int) -> dict:
-    """Today's path: ``generate_static`` on consecutive batches of ``batch`` requests."""
+    """Today's path: ``generate_static`` on consecutive batches of ``batch`` requests. An
+    exception leaves with a note naming the batch it came from (``_static_group_note``)."""
     from elastic_jax.generate import generate_static, generate_static_iter
 
     groups = [reqs[i : i + batch] for i in range(0, len(reqs), batch)]
-    t0 = time.perf_counter()
-    for i, g in enumerate(groups):  # warm-up: each batch's shapes (prompt bucket, batch, capacity)
-        try:
+    stage = ("warm-up", 0)  # (phase, batch index) for the note
+    try:
+        t0 = time.perf_counter()
+        for i, g in enumerate(groups):  # warm-up: each batch's shapes (bucket, batch, capacity)
+            stage = ("warm-up", i)
             it = generate_static_iter(
                 model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
                 stop_token_ids=[],
@@ -409,28 +412,26 @@ def run_static(model, reqs: list[Request], batch: int) -> dict:
                 if next(it, None) is None:
                     break
             it.close()
-        except Exception as e:
-            e.add_note(_static_group_note(model, g, i, len(groups)))
-            raise
-    warm_s = time.perf_counter() - t0
-    queue = []
-    prefill_s = 0.0
-    with CompileCounter() as cc:
-        t0 = time.perf_counter()
-        for i, g in enumerate(groups):
-            start = time.perf_counter() - t0
-            try:
+        warm_s = time.perf_counter() - t0
+        queue = []
+        prefill_s = 0.0
+        with CompileCounter() as cc:
+            t0 = time.perf_counter()
+            for i, g in enumerate(groups):
+                stage = ("timed", i)
+                start = time.perf_counter() - t0
                 res = generate_static(
                     model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
                     stop_token_ids=[],
                 )  # fmt: skip
-            except Exception as e:
-                e.add_note(_static_group_note(model, g, i, len(groups)).replace("warm-up", "timed"))
-                raise
-            assert [len(t) for t in res.token_ids] == [r.max_new_tokens for r in g]
-            queue += [start] * len(g)
-            prefill_s += res.timings[0].prefill_ms / 1e3  # the whole batch's prefill
-        wall = time.perf_counter() - t0
+                assert [len(t) for t in res.token_ids] == [r.max_new_tokens for r in g]
+                queue += [start] * len(g)
+                prefill_s += res.timings[0].prefill_ms / 1e3  # the whole batch's prefill
+            wall = time.perf_counter() - t0
+    except Exception as e:
+        phase, i = stage
+        e.add_note(_static_group_note(model, groups[i], phase, i, len(groups)))
+        raise
     return summary(
         f"static b{batch}", reqs, wall, queue, cc.count,
         warmup_s=warm_s, prefill_s_total=prefill_s, scaled=True,

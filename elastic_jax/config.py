@@ -371,9 +371,10 @@ class RuntimeConfig:
       prefill), "xla" (our chunked jnp dense attention).
     decode_impl: "auto" (GPU: Pallas paged decode kernel; CPU: reference), "reference", "pallas".
     decode_out_proj: the decode step's attention out-projection: "auto" ("pallas" where decode
-      attention runs the Pallas kernel on one GPU without a mesh; otherwise "xla"), "xla" (a dot on the layer's slice of the stacked weight;
-      XLA copied the slice before its cuBLAS GEMV) or "pallas" (``pallas_kernels.gemv.
-      stacked_gemv``: reads the stacked weight in place; one device only; interpret mode on CPU).
+      attention runs the Pallas kernel on one GPU without a mesh and the shape tiles; otherwise
+      "xla"), "xla" (a dot on the layer's slice of the stacked weight; XLA copied the slice
+      before its cuBLAS GEMV) or "pallas" (``pallas_kernels.gemv.stacked_gemv``: reads the
+      stacked weight in place; one device only; interpret mode on CPU).
       H100, Qwen3-4B at 32K: "pallas" takes the step from 6.29 to 5.78 ms at batch 1 and from
       17.32 to 16.62 ms at batch 8 (BENCHMARKS.md).
     prefill_chunk: tokens per chunk for the MLP of prefill (and the reference attention's query

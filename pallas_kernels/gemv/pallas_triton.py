@@ -80,11 +80,9 @@ def stacked_gemv_partials(
     tensor_cores: bool = True,
 ) -> jax.Array:
     """x: [B, K], w: [L, K, N] -> float32 partials [splits, B, N] (sum over axis 0 = x @ w[layer]).
-    ``tensor_cores=False`` needs B == 1."""
+    ``tensor_cores=False`` needs B == 1 (arguments are validated in ``api.stacked_gemv``)."""
     B, K = x.shape
     _, _, N = w.shape
-    if not tensor_cores and B != 1:
-        raise ValueError(f"stacked_gemv: tensor_cores=False takes one row; got B={B}")
     rows = max(_MIN_DOT_ROWS, -(-B // _MIN_DOT_ROWS) * _MIN_DOT_ROWS) if tensor_cores else 1
     ks = K // splits
     xp = jnp.pad(x, ((0, rows - B), (0, 0))) if rows != B else x
