@@ -318,8 +318,9 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self)
 
 
-def build_model(shape: str, max_tokens: int, seed: int = 0):
-    """PawQwen3 of ``SHAPES[shape]``, random bf16 weights, router with fixed random weights."""
+def build_model(shape: str, max_tokens: int, seed: int = 0, decode_num_splits: int | None = None):
+    """PawQwen3 of ``SHAPES[shape]``, random bf16 weights, router with fixed random weights;
+    ``decode_num_splits``: ``RuntimeConfig.decode_num_splits`` (None: table / heuristic)."""
     import jax
 
     from benchmarks.bench_engine import ROUTER_ELASTIC
@@ -331,7 +332,8 @@ def build_model(shape: str, max_tokens: int, seed: int = 0):
     cfg = make_config(shape, ROUTER_ELASTIC["full+xattn"])
     params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
     jax.block_until_ready(params)
-    return Model(cfg, params, None, RuntimeConfig(attention_mode="elastic"), max_tokens)
+    rt = RuntimeConfig(attention_mode="elastic", decode_num_splits=decode_num_splits)
+    return Model(cfg, params, None, rt, max_tokens)
 
 
 def run_engine(model, reqs: list[Request], slots: int, pool_tokens: int | None, max_tokens: int):
@@ -489,6 +491,7 @@ def _workload_argv(args) -> list[str]:
         ("--max-new-cap", args.max_new_cap),
         ("--pool-tokens", args.pool_tokens),
         ("--hbm-gbps", args.hbm_gbps),
+        ("--decode-num-splits", args.decode_num_splits),
     ):
         if value is not None:
             out += [flag, str(value)]
@@ -576,6 +579,12 @@ def main(argv=None) -> dict:
     p.add_argument("--hbm-gbps", type=float, default=None, help="default: by device name")
     p.add_argument("--copy-bw-tb-s", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--decode-num-splits",
+        type=int,
+        default=None,
+        help="RuntimeConfig.decode_num_splits of every method (default: table / heuristic)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--hf-worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -677,10 +686,10 @@ def _run_isolated(args, methods, meta, rows, result, save) -> None:
 def _run_in_process(args, methods, work, subsets, meta, rows, result, save) -> None:
     import jax
 
-    from elastic_jax.config import RuntimeConfig
-
-    base = build_model(args.shape, args.max_prompt, args.seed)
-    dense = dataclasses.replace(base, runtime=RuntimeConfig(attention_mode="dense"))
+    base = build_model(args.shape, args.max_prompt, args.seed, args.decode_num_splits)
+    dense = dataclasses.replace(
+        base, runtime=dataclasses.replace(base.runtime, attention_mode="dense")
+    )
     dev = jax.devices()[0]
     meta.update(device=dev.device_kind, platform=dev.platform, jax=jax.__version__)
     hbm = args.hbm_gbps * 1e9 if args.hbm_gbps else None

@@ -212,5 +212,6 @@ def _decode_attention_local(q, k_new, v_new, k_cache, v_cache, layer, page_table
         layer,
         k_extra=k_new.astype(k_cache.dtype),
         v_extra=v_new.astype(v_cache.dtype),
+        num_splits=rt.decode_num_splits,
         implementation=impl,
     )

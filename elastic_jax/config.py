@@ -377,6 +377,11 @@ class RuntimeConfig:
       stacked weight in place; one device only; interpret mode on CPU).
       H100, Qwen3-4B at 32K: "pallas" takes the step from 6.29 to 5.78 ms at batch 1 and from
       17.32 to 16.62 ms at batch 8 (BENCHMARKS.md).
+    decode_num_splits: parts the Pallas paged decode kernel cuts each sequence's pages into
+      (flash-decoding; ``PagedDecodeConfig.num_splits``), or None for the autotune table / the
+      heuristic, which assume every row at the cache's full length. A ragged batch (the serving
+      engine's slots) may want more: its longest row's parts set the kernel time. Ignored by the
+      reference implementation.
     prefill_chunk: tokens per chunk for the MLP of prefill (and the reference attention's query
       tiles): bounds memory for long prompts; prompt buckets above it are its multiples.
     page_size: tokens per KV-cache page.
@@ -398,6 +403,7 @@ class RuntimeConfig:
     prefill_impl: str = "auto"
     decode_impl: str = "auto"
     decode_out_proj: str = "auto"
+    decode_num_splits: int | None = None
     prefill_chunk: int = 8192
     page_size: int = 128
     collect_stats: bool = True
@@ -419,6 +425,9 @@ class RuntimeConfig:
         f = self.synthetic_kept_fraction
         if f is not None and not 0.0 < f <= 1.0:
             raise ValueError(f"synthetic_kept_fraction={f!r} must lie in (0, 1]")
+        n = self.decode_num_splits
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"decode_num_splits={n!r} must be None or a positive int")
         for name in ("prefill_chunk", "page_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v & (v - 1):

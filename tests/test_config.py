@@ -103,3 +103,6 @@ def test_runtime_config_validation():
         RuntimeConfig(prefill_impl="mosaic")
     with pytest.raises(ValueError, match="page_size=100 must be a positive power of two"):
         RuntimeConfig(page_size=100)
+    with pytest.raises(ValueError, match="decode_num_splits=0 must be None or a positive int"):
+        RuntimeConfig(decode_num_splits=0)
+    assert RuntimeConfig(decode_num_splits=32).decode_num_splits == 32

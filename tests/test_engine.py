@@ -4,6 +4,7 @@ forward, chunked prefill equals one-shot prefill, paged cache layout does not ma
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from elastic_jax import attention as attn
 from elastic_jax import engine, generate, kv_cache, load_model
 from elastic_jax.config import RuntimeConfig
 from elastic_jax.model import decode, forward, prefill
@@ -227,6 +229,42 @@ def test_pallas_decode_kernel_in_the_model(tiny_qwen3):
     a = generate(ref, prompts, max_new_tokens=5, stop_token_ids=[])
     b = generate(ker, prompts, max_new_tokens=5, stop_token_ids=[])
     assert a.token_ids == b.token_ids
+
+
+def test_decode_num_splits_reaches_the_kernel(tiny_qwen3):
+    """RuntimeConfig.decode_num_splits sets the Pallas decode kernel's split count (interpret
+    mode on CPU); every split count gives the reference's attention output on a ragged batch."""
+    from pallas_kernels.paged_decode import api as pd
+
+    model = load_model(tiny_qwen3[1], page_size=16)
+    cfg = model.config
+    rng = np.random.default_rng(3)
+    B, P, M = 2, 12, 6
+    L, K, D, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    k_cache = jnp.asarray(rng.standard_normal((L, K, P, 16, D)), jnp.float32)
+    v_cache = jnp.asarray(rng.standard_normal((L, K, P, 16, D)), jnp.float32)
+    table = jnp.asarray(rng.permutation(P)[: B * M].reshape(B, M), jnp.int32)
+    lengths = jnp.asarray([90, 17], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((B, H, D)), jnp.float32)
+    kn = jnp.asarray(rng.standard_normal((B, K, D)), jnp.float32)
+    vn = jnp.asarray(rng.standard_normal((B, K, D)), jnp.float32)
+    args = (q, kn, vn, k_cache, v_cache, jnp.int32(1), table, lengths)
+    rt = model.runtime
+    want = attn.decode_attention(*args, dataclasses.replace(rt, decode_impl="reference"))
+    seen = []
+    real = pd.paged_decode_pallas
+
+    def spy(*a, config, **kw):
+        seen.append(config.num_splits)
+        return real(*a, config=config, **kw)
+
+    with mock.patch.object(pd, "paged_decode_pallas", spy):
+        for splits in (1, 3):
+            got = attn.decode_attention(
+                *args, dataclasses.replace(rt, decode_impl="pallas", decode_num_splits=splits)
+            )
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    assert seen == [1, 3]
 
 
 def test_pallas_dense_prefill_in_the_model(tiny_qwen3):
