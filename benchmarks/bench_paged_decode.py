@@ -248,8 +248,8 @@ def rel_err(a, b) -> float | None:
 def make_cache(s: Shape, seed: int):
     """Pages for ``n_sets`` disjoint page tables (rotated between calls), shuffled."""
     set_pages = s.batch * s.context // s.page_size
-    full_bytes = 2 * s.batch * s.context * K * D * jnp.dtype(DTYPE).itemsize
-    n_sets = int(min(4, max(1, math.ceil(L2_ROTATE_BYTES / full_bytes))))
+    set_bytes = 2 * set_pages * s.page_size * K * D * jnp.dtype(DTYPE).itemsize  # K + V pages
+    n_sets = int(min(4, max(1, math.ceil(L2_ROTATE_BYTES / set_bytes))))
     num_pages = set_pages * n_sets
     keys = jax.random.split(jax.random.key(seed), 4)
     shape = (K, num_pages, s.page_size, D)

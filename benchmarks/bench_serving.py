@@ -687,9 +687,7 @@ def _run_in_process(args, methods, work, subsets, meta, rows, result, save) -> N
     import jax
 
     base = build_model(args.shape, args.max_prompt, args.seed, args.decode_num_splits)
-    dense = dataclasses.replace(
-        base, runtime=dataclasses.replace(base.runtime, attention_mode="dense")
-    )
+    dense = base.with_runtime(attention_mode="dense")
     dev = jax.devices()[0]
     meta.update(device=dev.device_kind, platform=dev.platform, jax=jax.__version__)
     hbm = args.hbm_gbps * 1e9 if args.hbm_gbps else None
