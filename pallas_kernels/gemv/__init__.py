@@ -1,4 +1,5 @@
-"""Decode GEMV over a stacked ``[L, K, N]`` weight: reads layer ``l`` in place (no slice copy)."""
+"""Decode GEMV over a stacked ``[L, K, N]`` weight: reads layer ``l`` in place (no slice copy);
+``stacked_gemv_attn`` takes its x as paged decode attention's unmerged split partials."""
 
 from pallas_kernels.gemv.api import (
     GemvConfig,
@@ -6,9 +7,10 @@ from pallas_kernels.gemv.api import (
     get_config,
     shape_key,
     stacked_gemv,
+    stacked_gemv_attn,
     supported,
 )
-from pallas_kernels.gemv.reference import stacked_gemv_reference
+from pallas_kernels.gemv.reference import stacked_gemv_attn_reference, stacked_gemv_reference
 
 __all__ = [
     "GemvConfig",
@@ -16,6 +18,8 @@ __all__ = [
     "get_config",
     "shape_key",
     "stacked_gemv",
+    "stacked_gemv_attn",
+    "stacked_gemv_attn_reference",
     "stacked_gemv_reference",
     "supported",
 ]

@@ -10,10 +10,14 @@ Grid ``(N / block_n, splits)``: program ``(n, s)`` reads the ``[K / splits, bloc
 ``w[layer]`` in ``block_k`` row chunks and writes a float32 partial ``[rows, block_n]``; the
 caller sums the ``splits`` partials (XLA fuses that sum into its consumer). Splitting K keeps
 enough programs in flight to saturate HBM when ``N / block_n`` alone is below the SM count.
-``x`` rows are padded to 16 (a Triton dot needs M >= 16). With ``tensor_cores=False`` (one row
-only) each step is a multiply and a column sum on the CUDA cores instead: no padding (XLA wrote a
-[16, K] padded copy of ``x`` before every call, fused with its producer) and no 15 zero rows in
-the dot; which is faster is the autotune table's call (``benchmarks/bench_gemv.py``).
+``x`` rows are padded to 16 (a Triton dot needs M >= 16): by XLA before the call (a [16, K] copy
+of ``x``, fused with its producer; every padded row of the partials is stored), or with
+``rows_in_kernel`` inside the kernel, which reads row ``min(r, B - 1)`` for each of its rows (the
+trick of the paged decode kernel's query tile) and stores only the ``B`` real rows. In the 4B
+batch-1 H100 profile the pad fused with the attention split merge took 5.9 us a layer, against
+about 1.4 us for XLA's other small fusions. With ``tensor_cores=False`` (one row only) each step
+is a multiply and a column sum on the CUDA cores instead: no padding and no 15 zero rows in the
+dot. Which is faster is the autotune table's call (``benchmarks/bench_gemv.py``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from pallas_kernels import _compat
 _MIN_DOT_ROWS = 16
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int, tensor_cores: bool):
-    """x_ref [Bp, Ks], w_ref [Ks, bn], o_ref [Bp, bn] float32 (one split's partial); without
-    tensor cores Bp is 1 and the accumulator a [bn] vector."""
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, tensor_cores: bool, rows_in_kernel: bool):
+    """x_ref [Bp, Ks] ([B, Ks] with rows_in_kernel), w_ref [Ks, bn], o_ref [Bp, bn] float32 (one
+    split's partial); without tensor cores Bp is 1 and the accumulator a [bn] vector."""
     steps = w_ref.shape[0] // block_k
+    rows = o_ref.shape[0]
+    # rows_in_kernel: padded rows repeat the last real row (never stored), so no padded x exists.
+    row_ids = jnp.minimum(lax.iota(jnp.int32, rows), x_ref.shape[0] - 1)
+    x_rows = row_ids if rows_in_kernel else slice(None)
 
     def body(i, acc):
         k0 = pl.multiple_of(i * block_k, block_k)
@@ -41,13 +49,18 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, tensor_cores: bool):
         if not tensor_cores:  # [bk] x [bk, bn] -> [bn]
             xs = x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)
             return acc + jnp.sum(xs[:, None] * ws.astype(jnp.float32), axis=0)
-        xs = x_ref[:, pl.ds(k0, block_k)]
+        xs = x_ref[x_rows, pl.ds(k0, block_k)]
         return acc + lax.dot_general(
             xs, ws, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
 
     if tensor_cores:
-        o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+        acc = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+        if rows_in_kernel:  # only the real rows: B / 16 of the partials' write traffic
+            real = lax.iota(jnp.int32, rows) < x_ref.shape[0]
+            _compat.triton_store(o_ref, acc, mask=jnp.broadcast_to(real[:, None], acc.shape))
+        else:
+            o_ref[...] = acc
     else:
         acc = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[1:], jnp.float32))
         o_ref[...] = acc[None, :]
@@ -63,6 +76,7 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, tensor_cores: bool):
         "num_warps",
         "num_stages",
         "tensor_cores",
+        "rows_in_kernel",
         "interpret",
     ),
 )
@@ -78,19 +92,24 @@ def stacked_gemv_partials(
     num_stages: int,
     interpret: bool,
     tensor_cores: bool = True,
+    rows_in_kernel: bool = False,
 ) -> jax.Array:
     """x: [B, K], w: [L, K, N] -> float32 partials [splits, B, N] (sum over axis 0 = x @ w[layer]).
-    ``tensor_cores=False`` needs B == 1 (arguments are validated in ``api.stacked_gemv``)."""
+    ``tensor_cores=False`` needs B == 1 (arguments are validated in ``api.stacked_gemv``);
+    ``rows_in_kernel`` pads x's rows inside the kernel (tensor-core path only)."""
     B, K = x.shape
     _, _, N = w.shape
     rows = max(_MIN_DOT_ROWS, -(-B // _MIN_DOT_ROWS) * _MIN_DOT_ROWS) if tensor_cores else 1
     ks = K // splits
-    xp = jnp.pad(x, ((0, rows - B), (0, 0))) if rows != B else x
+    in_kernel = rows_in_kernel and tensor_cores
+    xp = jnp.pad(x, ((0, rows - B), (0, 0))) if rows != B and not in_kernel else x
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, tensor_cores=tensor_cores),
+        functools.partial(
+            _kernel, block_k=block_k, tensor_cores=tensor_cores, rows_in_kernel=in_kernel
+        ),
         grid=(N // block_n, splits),
         in_specs=[
-            pl.BlockSpec((rows, ks), lambda n, s: (0, s)),
+            pl.BlockSpec((xp.shape[0], ks), lambda n, s: (0, s)),
             pl.BlockSpec((None, ks, block_n), lambda n, s: (layer, s, n)),
         ],
         out_specs=pl.BlockSpec((None, rows, block_n), lambda n, s: (s, 0, n)),
@@ -99,4 +118,101 @@ def stacked_gemv_partials(
         interpret=interpret,
         name="stacked_gemv",
     )(xp, w)
+    return out[:, :B]
+
+
+_M_INIT = -1e30  # finite start of the running max over splits (as the paged decode kernel's)
+
+
+def _attn_kernel(
+    acc_ref, m_ref, l_ref, w_ref, o_ref, *, group: int, head_dim: int, heads_per_split: int
+):
+    """acc_ref [B, K, S, Gp, D], m_ref / l_ref [B, K, S, Gp] (the paged decode kernel's split
+    partials, whole), w_ref [heads_per_split * D, bn], o_ref [rows, bn] f32 (one split's
+    partial). Each step merges the attention splits of one head (online, as the kernel's own
+    softmax) into x [rows, D] and multiplies it into the accumulator."""
+    rows = o_ref.shape[0]
+    batch, _, attn_splits = acc_ref.shape[:3]
+    row_ids = jnp.minimum(lax.iota(jnp.int32, rows), batch - 1)  # padded rows repeat the last
+    first_head = pl.program_id(1) * heads_per_split
+
+    def head_step(i, acc):
+        h = first_head + i
+        kvh, g = lax.div(h, group), lax.rem(h, group)
+
+        def merge(j, carry):
+            m_run, den, o = carry
+            m_j = m_ref[row_ids, kvh, j, g]  # [rows]
+            m_new = jnp.maximum(m_run, m_j)
+            alpha, beta = jnp.exp2(m_run - m_new), jnp.exp2(m_j - m_new)
+            den = den * alpha + l_ref[row_ids, kvh, j, g] * beta
+            o = o * alpha[:, None] + acc_ref[row_ids, kvh, j, g, :] * beta[:, None]
+            return m_new, den, o
+
+        carry = (
+            jnp.full((rows,), _M_INIT, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32),
+        )
+        _, den, o = lax.fori_loop(0, attn_splits, merge, carry)
+        # As the unfused path: the merged output is rounded to the weight dtype before the dot.
+        x = (o / jnp.where(den == 0.0, 1.0, den)[:, None]).astype(w_ref.dtype)
+        k0 = pl.multiple_of(i * head_dim, head_dim)
+        ws = w_ref[pl.ds(k0, head_dim), :]
+        return acc + lax.dot_general(
+            x, ws, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    out = lax.fori_loop(0, heads_per_split, head_step, jnp.zeros(o_ref.shape, jnp.float32))
+    real = lax.iota(jnp.int32, rows) < batch
+    _compat.triton_store(o_ref, out, mask=jnp.broadcast_to(real[:, None], out.shape))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("layer", "block_n", "splits", "num_warps", "num_stages", "interpret"),
+)
+def stacked_gemv_attn_partials(
+    acc: jax.Array,
+    m: jax.Array,
+    l: jax.Array,
+    w: jax.Array,
+    *,
+    layer: int,
+    block_n: int,
+    splits: int,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+) -> jax.Array:
+    """acc [B, K, S, Gp, D], m, l [B, K, S, Gp] (split partials of paged decode attention),
+    w [L, H * D, N] -> float32 partials [splits, B, N]; their sum is merge(acc, m, l) (cast to
+    w's dtype, flattened to [B, H * D]) @ w[layer]. ``splits`` divides H (validated in
+    ``api.stacked_gemv_attn``)."""
+    B, num_kv_heads, _, _, head_dim = acc.shape
+    _, HD, N = w.shape
+    num_heads = HD // head_dim
+    rows = max(_MIN_DOT_ROWS, -(-B // _MIN_DOT_ROWS) * _MIN_DOT_ROWS)
+    heads_per_split = num_heads // splits
+    whole = lambda a: pl.BlockSpec(a.shape, lambda n, s: (0,) * a.ndim)  # noqa: E731
+    out = pl.pallas_call(
+        functools.partial(
+            _attn_kernel,
+            group=num_heads // num_kv_heads,
+            head_dim=head_dim,
+            heads_per_split=heads_per_split,
+        ),
+        grid=(N // block_n, splits),
+        in_specs=[
+            whole(acc),
+            whole(m),
+            whole(l),
+            pl.BlockSpec((None, heads_per_split * head_dim, block_n), lambda n, s: (layer, s, n)),
+        ],
+        out_specs=pl.BlockSpec((None, rows, block_n), lambda n, s: (s, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, N), jnp.float32),
+        compiler_params=_compat.triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="stacked_gemv_attn",
+    )(acc, m, l, w)
     return out[:, :B]
