@@ -39,7 +39,7 @@ import numpy as np
 from benchmarks.bench_model import filled_cache, make_config, median_seconds, time_calls
 from benchmarks.shapes import SHAPES
 from elastic_jax import engine
-from elastic_jax.config import ModelConfig, RuntimeConfig
+from elastic_jax.config import DECODE_OUT_PROJS, ModelConfig, RuntimeConfig
 from elastic_jax.model import resolve_decode_out_proj
 from elastic_jax.params import Params, init_random
 from elastic_jax.sampling import SamplingParams
@@ -317,7 +317,7 @@ def main(argv=None):
     p.add_argument(
         "--decode-out-proj",
         default="auto",
-        choices=("auto", "xla", "pallas"),
+        choices=DECODE_OUT_PROJS,
         help="the attention out-projection in decode (RuntimeConfig.decode_out_proj)",
     )
     p.add_argument("--dump-hlo", default=None, help="directory: write each step's optimized HLO")
