@@ -72,6 +72,20 @@ def _check_pallas_shapes(k_pages: jax.Array) -> None:
             )
 
 
+def _validated(
+    q, k_pages, v_pages, page_table, lengths, layer, k_extra, v_extra, implementation
+) -> str:
+    """Checks every input (clear errors before any work); returns the implementation with
+    "auto" resolved."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} not in {IMPLEMENTATIONS}")
+    _check_inputs(q, k_pages, v_pages, page_table, lengths, layer)
+    _check_extra(q, k_pages, k_extra, v_extra)
+    if implementation == "auto":
+        return "pallas" if _compat.on_gpu() else "reference"
+    return implementation
+
+
 def paged_decode_partials(
     q: jax.Array,
     k_pages: jax.Array,
@@ -98,12 +112,9 @@ def paged_decode_partials(
     (M = max_s m_s; 0 where every l is 0). The reference returns one split with Gp = G, m = 0 and
     l = 1 (acc = the output itself).
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} not in {IMPLEMENTATIONS}")
-    _check_inputs(q, k_pages, v_pages, page_table, lengths, layer)
-    _check_extra(q, k_pages, k_extra, v_extra)
-    if implementation == "auto":
-        implementation = "pallas" if _compat.on_gpu() else "reference"
+    implementation = _validated(
+        q, k_pages, v_pages, page_table, lengths, layer, k_extra, v_extra, implementation
+    )
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[-4]
     if implementation == "reference":
@@ -202,15 +213,11 @@ def paged_decode_attention(
     Returns:
       [B, H, D] in ``q.dtype``.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} not in {IMPLEMENTATIONS}")
-    _check_inputs(q, k_pages, v_pages, page_table, lengths, layer)
-    _check_extra(q, k_pages, k_extra, v_extra)
+    implementation = _validated(
+        q, k_pages, v_pages, page_table, lengths, layer, k_extra, v_extra, implementation
+    )
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-
-    if implementation == "auto":
-        implementation = "pallas" if _compat.on_gpu() else "reference"
     if implementation == "reference":
         if layer is not None:
             k_pages, v_pages = k_pages[layer], v_pages[layer]
