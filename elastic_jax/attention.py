@@ -173,8 +173,7 @@ def decode_attention(
     page_table: jax.Array,
     lengths: jax.Array,
     rt: RuntimeConfig,
-    partials: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+) -> jax.Array:
     """Dense one-token attention for every head (whatever its prefill mode) over one layer of the
     paged cache plus the new token itself.
 
@@ -183,16 +182,8 @@ def decode_attention(
     the cache. The new key is an extra key of the paged kernel (it seeds the kernel's online
     softmax), so the decode step only reads the cache inside its layer loop and writes
     all layers' new K/V once afterwards (an in-loop write made XLA copy the whole cache each
-    step). Returns [B, H, D] in q.dtype; with ``partials`` (one device only) the kernel's
-    unmerged split partials ``(acc, m, l)`` instead (``paged_decode_partials``), which the fused
-    out-projection merges.
+    step). Returns [B, H, D] in q.dtype.
     """
-    if partials:
-        if sharding.context_mesh() is not None:
-            raise ValueError("decode attention partials (decode_out_proj='fused') need one device")
-        return _decode_attention_local(
-            q, k_new, v_new, k_cache, v_cache, layer, page_table, lengths, rt, partials=True
-        )
     # Under a jax.set_mesh mesh with a "model" axis: shard_map, each device on its own heads.
     return sharding.map_decode_over_heads(
         lambda *a: _decode_attention_local(*a, rt),
@@ -207,14 +198,12 @@ def decode_attention(
     )
 
 
-def _decode_attention_local(
-    q, k_new, v_new, k_cache, v_cache, layer, page_table, lengths, rt, partials=False
-):
+def _decode_attention_local(q, k_new, v_new, k_cache, v_cache, layer, page_table, lengths, rt):
     from pallas_kernels.paged_decode import api as pd
 
     impl = "pallas" if resolve_decode_impl(rt) == "pallas" else "reference"
     # The new token's K/V as the cache would store them (its dtype), attended as an extra key.
-    return (pd.paged_decode_partials if partials else pd.paged_decode_attention)(
+    return pd.paged_decode_attention(
         q,
         k_cache,
         v_cache,

@@ -354,7 +354,7 @@ def _llama3_inv_freq(inv_freq: np.ndarray, r: RopeConfig) -> np.ndarray:
 ATTENTION_MODES = ("elastic", "dense", "streaming", "xattn")
 PREFILL_IMPLS = ("auto", "reference", "pallas", "triton", "cudnn", "xla")
 DECODE_IMPLS = ("auto", "reference", "pallas")
-DECODE_OUT_PROJS = ("auto", "xla", "pallas", "fused")
+DECODE_OUT_PROJS = ("auto", "xla", "pallas")
 
 
 @jax.tree_util.register_static
@@ -374,10 +374,7 @@ class RuntimeConfig:
       attention runs the Pallas kernel on one GPU without a mesh and the shape tiles; otherwise
       "xla"), "xla" (a dot on the layer's slice of the stacked weight; XLA copied the slice
       before its cuBLAS GEMV) or "pallas" (``pallas_kernels.gemv.stacked_gemv``: reads the
-      stacked weight in place; one device only; interpret mode on CPU) or "fused" (the paged
-      kernel hands its unmerged split partials to ``gemv.stacked_gemv_attn``, which merges each
-      head's splits as it reads them: no merge kernel and no padded copy of the attention output
-      between the two; needs decode attention on the Pallas kernel, one device).
+      stacked weight in place; one device only; interpret mode on CPU).
       H100, Qwen3-4B at 32K: "pallas" takes the step from 6.29 to 5.78 ms at batch 1 and from
       17.32 to 16.62 ms at batch 8 (BENCHMARKS.md).
     decode_num_splits: parts the Pallas paged decode kernel cuts each sequence's pages into

@@ -238,31 +238,20 @@ def resolve_decode_out_proj(rt: RuntimeConfig, cfg: ModelConfig) -> str:
 
 
 def _decode_out_proj_in_place(
-    o: jax.Array | tuple[jax.Array, ...],
-    layers: LayerParams,
-    layer: int,
-    cfg: ModelConfig,
-    out_proj: str,
+    o: jax.Array, layers: LayerParams, layer: int, cfg: ModelConfig
 ) -> jax.Array:
-    """``_attn_out`` for decode with ``rt.decode_out_proj`` "pallas" or "fused" -> [B, E], the
-    out-projection read from the stacked wo [L, H, D, E] in place by a Pallas GEMV (XLA's
-    cuBLAS path copied each layer's slice first: 0.43 ms of a 6.2 ms 4B batch-1 step).
-    o: "pallas": the attention output [B, H, D]; "fused": the paged kernel's split partials
-    (acc, m, l), merged inside the GEMV. Returns float32 (the caller casts it)."""
+    """``_attn_out`` for decode with ``rt.decode_out_proj == "pallas"``: o [B, H, D] -> [B, E],
+    the out-projection read from the stacked wo [L, H, D, E] in place by a Pallas GEMV (XLA's
+    cuBLAS path copied each layer's slice first: 0.43 ms of a 6.2 ms 4B batch-1 step)."""
     if sharding.context_mesh() is not None:
         raise ValueError(
-            f"decode_out_proj={out_proj!r} runs on one device; use decode_out_proj='xla' with a "
-            "mesh"
+            'decode_out_proj="pallas" runs on one device; use decode_out_proj="xla" with a mesh'
         )
     L, H, D, E = layers.wo.shape
-    wo = layers.wo.reshape(L, H * D, E)
-    if out_proj == "fused":
-        y = gemv.stacked_gemv_attn(*o, wo, layer)
-    else:
-        y = gemv.stacked_gemv(o.reshape(o.shape[0], H * D), wo, layer)
+    y = gemv.stacked_gemv(o.reshape(o.shape[0], H * D), layers.wo.reshape(L, H * D, E), layer)
     if cfg.attention_bias:
         y = y + layers.o_bias[layer]
-    return y
+    return y.astype(o.dtype)
 
 
 def decode(
@@ -299,11 +288,9 @@ def decode(
                 cache.page_table,
                 cache.lengths,
                 rt,
-                partials=out_proj == "fused",
             )
-            if out_proj in ("pallas", "fused"):
-                y = _decode_out_proj_in_place(o, params.layers, layer, cfg, out_proj)
-                h = h + y.astype(h.dtype)[:, None]
+            if out_proj == "pallas":
+                h = h + _decode_out_proj_in_place(o, params.layers, layer, cfg)[:, None]
             else:
                 h = h + _attn_out(o, lp, cfg)[:, None]
             h = sharding.constrain(_mlp_block(h, lp, cfg), sharding.HIDDEN)

@@ -58,15 +58,13 @@ def test_steady_step_counts_only_steps_with_every_request_running():
         bench_decode.steady_step_ms([[0.0, 0.5], [1.0, 1.1]])
 
 
-def test_fused_out_projection_and_gemv_table(tmp_path):
-    """The fused out-projection (the model tests cover "pallas") and the per-matrix GEMV table."""
+def test_pallas_out_projection_and_gemv_table(tmp_path):
     out = tmp_path / "decode.json"
     bench_decode.main(
-        ["--configs", "tiny:2:64", "--steps", "1", "--decode-out-proj", "fused", "--gemv",
+        ["--configs", "tiny:2:64", "--steps", "1", "--decode-out-proj", "pallas", "--gemv",
          "--out", str(out)]
     )  # fmt: skip
     saved = json.loads(out.read_text())
-    assert saved["meta"]["decode_out_proj"] == "fused" and saved["rows"][0]["jit_ms"] > 0
-    assert saved["rows"][0]["decode_out_proj"] == "fused"
+    assert saved["meta"]["decode_out_proj"] == "pallas" and saved["rows"][0]["jit_ms"] > 0
     names = [r["matrix"] for r in saved["gemv"]["tiny:2"]]
     assert "wo (pallas stacked_gemv)" in names and "w_down (pallas stacked_gemv)" in names

@@ -335,17 +335,12 @@ def test_residual_in_chunks_equals_whole():
         residual_in_chunks(block, h, 64)
 
 
-@pytest.mark.parametrize(
-    "out_proj, attn, splits",
-    [("pallas", "reference", None), ("fused", "reference", None), ("fused", "pallas", 3)],
-)
-def test_pallas_out_projection_in_the_model(tiny_qwen3, out_proj, attn, splits):
-    """decode_out_proj="pallas" (the stacked-weight GEMV) and "fused" (the GEMV merging the paged
-    kernel's split partials; the reference's one split, or the kernel's three), interpret mode on
-    CPU, give the XLA out-projection's decode logits on a ragged batch."""
+def test_pallas_out_projection_in_the_model(tiny_qwen3):
+    """decode_out_proj="pallas" (the stacked-weight GEMV, interpret mode on CPU) gives the XLA
+    out-projection's decode logits on a ragged batch."""
     base = load_model(tiny_qwen3[1], page_size=16, decode_impl="reference")
     base = base.with_runtime(decode_out_proj="xla")
-    ker = base.with_runtime(decode_out_proj=out_proj, decode_impl=attn, decode_num_splits=splits)
+    ker = base.with_runtime(decode_out_proj="pallas")
     cfg = base.config
     cache = kv_cache.create(cfg, 2, 64, page_size=16)
     tokens = jnp.asarray(np.random.default_rng(6).integers(3, 512, (2, 32)), jnp.int32)
@@ -365,7 +360,6 @@ def test_decode_out_projection_auto_is_xla_off_gpu(tiny_qwen3):
     cfg = load_model(tiny_qwen3[1]).config
     assert resolve_decode_out_proj(RuntimeConfig(), cfg) == ("pallas" if on_gpu() else "xla")
     assert resolve_decode_out_proj(RuntimeConfig(decode_out_proj="pallas"), cfg) == "pallas"
-    assert resolve_decode_out_proj(RuntimeConfig(decode_out_proj="fused"), cfg) == "fused"
     odd = dataclasses.replace(cfg, hidden_size=cfg.hidden_size + 8)  # no 16-column tiling
     assert resolve_decode_out_proj(RuntimeConfig(), odd) == "xla"
     assert resolve_decode_out_proj(RuntimeConfig(decode_impl="reference"), cfg) == "xla"

@@ -1,5 +1,4 @@
-"""Decode GEMV over a stacked ``[L, K, N]`` weight: reads layer ``l`` in place (no slice copy);
-``stacked_gemv_attn`` takes its x as paged decode attention's unmerged split partials."""
+"""Decode GEMV over a stacked ``[L, K, N]`` weight: reads layer ``l`` in place (no slice copy)."""
 
 from pallas_kernels.gemv.api import (
     GemvConfig,
@@ -7,10 +6,9 @@ from pallas_kernels.gemv.api import (
     get_config,
     shape_key,
     stacked_gemv,
-    stacked_gemv_attn,
     supported,
 )
-from pallas_kernels.gemv.reference import stacked_gemv_attn_reference, stacked_gemv_reference
+from pallas_kernels.gemv.reference import stacked_gemv_reference
 
 __all__ = [
     "GemvConfig",
@@ -18,8 +16,6 @@ __all__ = [
     "get_config",
     "shape_key",
     "stacked_gemv",
-    "stacked_gemv_attn",
-    "stacked_gemv_attn_reference",
     "stacked_gemv_reference",
     "supported",
 ]

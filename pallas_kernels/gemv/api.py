@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _compat
-from pallas_kernels.gemv.pallas_triton import stacked_gemv_attn_partials, stacked_gemv_partials
-from pallas_kernels.gemv.reference import stacked_gemv_attn_reference, stacked_gemv_reference
+from pallas_kernels.gemv.pallas_triton import stacked_gemv_partials
+from pallas_kernels.gemv.reference import stacked_gemv_reference
 
 TARGET_PROGRAMS = 256  # about two waves of 132 SMs (H100): enough loads in flight for HBM
 TABLE_NAME = (
@@ -131,89 +131,6 @@ def stacked_gemv(
         num_stages=cfg.num_stages,
         tensor_cores=cfg.tensor_cores,
         rows_in_kernel=cfg.rows_in_kernel,
-        interpret=_compat.default_interpret() if interpret is None else interpret,
-    )
-    return jnp.sum(parts, axis=0)
-
-
-def _check_attn(acc: jax.Array, m: jax.Array, l: jax.Array, w: jax.Array, layer: int) -> None:
-    if acc.ndim != 5 or w.ndim != 3:
-        raise ValueError(
-            f"stacked_gemv_attn: acc must be [B, K, S, Gp, D] and w [L, H*D, N]; got {acc.shape}, "
-            f"{w.shape}"
-        )
-    B, K, S, Gp, D = acc.shape
-    if m.shape != (B, K, S, Gp) or l.shape != (B, K, S, Gp):
-        raise ValueError(
-            f"stacked_gemv_attn: m and l must be [B, K, S, Gp] = {[B, K, S, Gp]}; got "
-            f"{m.shape}, {l.shape}"
-        )
-    for name, a in (("acc", acc), ("m", m), ("l", l)):
-        if a.dtype != jnp.float32:
-            raise ValueError(f"stacked_gemv_attn: {name} must be float32, got {a.dtype}")
-    L, HD, _ = w.shape
-    if HD % (D * K) or HD // (D * K) > Gp:
-        raise ValueError(
-            f"stacked_gemv_attn: w has {HD} rows, which must be H*D with H a multiple of K={K} "
-            f"and H/K <= Gp={Gp} (D={D})"
-        )
-    if not isinstance(layer, int) or not 0 <= layer < L:
-        raise ValueError(f"stacked_gemv_attn: layer={layer!r} must be a Python int in [0, {L})")
-
-
-def attn_splits(num_heads: int, splits: int) -> int:
-    """``splits`` halved until it divides the head count (each split owns whole heads)."""
-    while num_heads % splits:
-        splits //= 2
-    return max(splits, 1)
-
-
-def stacked_gemv_attn(
-    acc: jax.Array,
-    m: jax.Array,
-    l: jax.Array,
-    w: jax.Array,
-    layer: int,
-    *,
-    config: GemvConfig | None = None,
-    implementation: str = "pallas",
-    interpret: bool | None = None,
-) -> jax.Array:
-    """The decode out-projection fed straight from paged decode attention's split partials: the
-    GEMV merges the splits of each head as it reads them, so no merged [B, H, D] output (and no
-    merge kernel) exists between the two.
-
-    acc: f32 [B, K, S, Gp, D], m, l: f32 [B, K, S, Gp] as ``paged_decode_partials`` returns
-    them; w: [L, H * D, N] stacked weights; layer: static int -> float32 [B, N] =
-    merge(acc, m, l).astype(w.dtype).reshape(B, H * D) @ w[layer].
-    config: default: this GPU's autotune entry of the plain GEMV of the same shape, else
-    ``default_config``; its ``block_n``, ``splits`` (halved until it divides H), ``num_warps``
-    and ``num_stages`` are used (each loop step is one head, D rows of w; the rows of x are
-    always padded inside the kernel).
-    """
-    if implementation not in ("pallas", "reference"):
-        raise ValueError(f"implementation={implementation!r}; allowed: ('pallas', 'reference')")
-    _check_attn(acc, m, l, w, layer)
-    if implementation == "reference":
-        return stacked_gemv_attn_reference(acc, m, l, w, layer)
-    B, _, _, _, D = acc.shape
-    _, HD, N = w.shape
-    cfg = config
-    if cfg is None:
-        device = _compat.device_kind() if _compat.on_gpu() else None
-        cfg = get_config(B, HD, N, w.dtype, device)
-    if N % cfg.block_n:
-        raise ValueError(f"stacked_gemv_attn: N={N} must divide by block_n={cfg.block_n}")
-    parts = stacked_gemv_attn_partials(
-        acc,
-        m,
-        l,
-        w,
-        layer=layer,
-        block_n=cfg.block_n,
-        splits=attn_splits(HD // D, cfg.splits),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
         interpret=_compat.default_interpret() if interpret is None else interpret,
     )
     return jnp.sum(parts, axis=0)

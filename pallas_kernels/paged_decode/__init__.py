@@ -4,11 +4,7 @@
 semantics; ``pallas_triton.py`` holds the GPU kernel; ``config.py`` the tiling and autotune table.
 """
 
-from pallas_kernels.paged_decode.api import (
-    IMPLEMENTATIONS,
-    paged_decode_attention,
-    paged_decode_partials,
-)
+from pallas_kernels.paged_decode.api import IMPLEMENTATIONS, paged_decode_attention
 from pallas_kernels.paged_decode.config import PagedDecodeConfig, get_config, shape_key
 from pallas_kernels.paged_decode.reference import paged_decode_reference
 
@@ -17,7 +13,6 @@ __all__ = [
     "PagedDecodeConfig",
     "get_config",
     "paged_decode_attention",
-    "paged_decode_partials",
     "paged_decode_reference",
     "shape_key",
 ]

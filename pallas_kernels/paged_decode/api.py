@@ -72,99 +72,6 @@ def _check_pallas_shapes(k_pages: jax.Array) -> None:
             )
 
 
-def _validated(
-    q, k_pages, v_pages, page_table, lengths, layer, k_extra, v_extra, implementation
-) -> str:
-    """Checks every input (clear errors before any work); returns the implementation with
-    "auto" resolved."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} not in {IMPLEMENTATIONS}")
-    _check_inputs(q, k_pages, v_pages, page_table, lengths, layer)
-    _check_extra(q, k_pages, k_extra, v_extra)
-    if implementation == "auto":
-        return "pallas" if _compat.on_gpu() else "reference"
-    return implementation
-
-
-def paged_decode_partials(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_table: jax.Array,
-    lengths: jax.Array,
-    layer: jax.Array | int | None = None,
-    *,
-    k_extra: jax.Array | None = None,
-    v_extra: jax.Array | None = None,
-    num_splits: int | None = None,
-    implementation: str = "auto",
-    interpret: bool | None = None,
-    config: PagedDecodeConfig | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``paged_decode_attention`` without its final merge of the splits, for a consumer that
-    merges them itself (the decode step's fused out-projection, ``gemv.stacked_gemv_attn``).
-
-    Arguments as ``paged_decode_attention`` (softmax scale ``1 / sqrt(D)``). Returns
-    ``(acc, m, l)``: acc f32 [B, K, S, Gp, D], m and l f32 [B, K, S, Gp], the unnormalised output,
-    running max (log2 units) and denominator of each split ``s``; query head ``h`` is row
-    ``h % G`` of kv head ``h // G`` (G = H / K); rows ``G..Gp-1`` are padding (unwritten).
-    The output of head h is ``sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` over its rows
-    (M = max_s m_s; 0 where every l is 0). The reference returns one split with Gp = G, m = 0 and
-    l = 1 (acc = the output itself).
-    """
-    implementation = _validated(
-        q, k_pages, v_pages, page_table, lengths, layer, k_extra, v_extra, implementation
-    )
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[-4]
-    if implementation == "reference":
-        o = paged_decode_attention(
-            q, k_pages, v_pages, page_table, lengths, layer,
-            k_extra=k_extra, v_extra=v_extra, implementation="reference",
-        )  # fmt: skip
-        group = num_heads // num_kv_heads
-        acc = o.astype(jnp.float32).reshape(batch, num_kv_heads, 1, group, head_dim)
-        ones = jnp.ones(acc.shape[:-1], jnp.float32)
-        return acc, jnp.zeros_like(ones), ones
-    if layer is not None:
-        layer = jnp.asarray(layer, jnp.int32)
-    _check_pallas_shapes(k_pages)
-    config = _resolve_config(q, k_pages, page_table, config, None, num_splits)
-    return paged_decode_pallas(
-        q,
-        k_pages,
-        v_pages,
-        page_table,
-        lengths,
-        layer,
-        k_extra,
-        v_extra,
-        sm_scale=1.0 / math.sqrt(head_dim),
-        config=config,
-        interpret=_compat.default_interpret() if interpret is None else bool(interpret),
-        raw_partials=True,
-    )
-
-
-def _resolve_config(q, k_pages, page_table, config, pages_per_block, num_splits):
-    """The tiling: ``config``, else this GPU's table entry / the heuristic; then the overrides,
-    clamped to the table's pages."""
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape[-4:]
-    max_pages = page_table.shape[1]
-    if config is None:
-        device_kind = _compat.device_kind() if _compat.on_gpu() else None
-        config = get_config(
-            batch, num_heads, num_kv_heads, max_pages, page_size, head_dim, q.dtype, device_kind
-        )
-    overrides = {}
-    if pages_per_block is not None:
-        overrides.update(pages_per_block=pages_per_block, page_chunks=1)
-    if num_splits is not None:
-        overrides["num_splits"] = num_splits
-    return dataclasses.replace(config, **overrides).clamp(max_pages, page_size)
-
-
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -213,11 +120,15 @@ def paged_decode_attention(
     Returns:
       [B, H, D] in ``q.dtype``.
     """
-    implementation = _validated(
-        q, k_pages, v_pages, page_table, lengths, layer, k_extra, v_extra, implementation
-    )
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} not in {IMPLEMENTATIONS}")
+    _check_inputs(q, k_pages, v_pages, page_table, lengths, layer)
+    _check_extra(q, k_pages, k_extra, v_extra)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+    if implementation == "auto":
+        implementation = "pallas" if _compat.on_gpu() else "reference"
     if implementation == "reference":
         if layer is not None:
             k_pages, v_pages = k_pages[layer], v_pages[layer]
@@ -236,7 +147,20 @@ def paged_decode_attention(
         layer = jnp.asarray(layer, jnp.int32)
 
     _check_pallas_shapes(k_pages)
-    config = _resolve_config(q, k_pages, page_table, config, pages_per_block, num_splits)
+    batch, num_heads, _ = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape[-4:]
+    max_pages = page_table.shape[1]
+    if config is None:
+        device_kind = _compat.device_kind() if _compat.on_gpu() else None
+        config = get_config(
+            batch, num_heads, num_kv_heads, max_pages, page_size, head_dim, q.dtype, device_kind
+        )
+    overrides = {}
+    if pages_per_block is not None:
+        overrides.update(pages_per_block=pages_per_block, page_chunks=1)
+    if num_splits is not None:
+        overrides["num_splits"] = num_splits
+    config = dataclasses.replace(config, **overrides).clamp(max_pages, page_size)
     if interpret is None:
         interpret = _compat.default_interpret()
     return paged_decode_pallas(

@@ -180,9 +180,7 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     return out / jnp.where(denom == 0.0, 1.0, denom)[..., None]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("sm_scale", "config", "interpret", "return_lse", "raw_partials")
-)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "return_lse"))
 def paged_decode_pallas(
     q: jax.Array,
     k_pages: jax.Array,
@@ -197,8 +195,7 @@ def paged_decode_pallas(
     config: PagedDecodeConfig,
     interpret: bool,
     return_lse: bool = False,
-    raw_partials: bool = False,
-) -> jax.Array | tuple[jax.Array, ...]:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Paged decode attention; arguments as in ``api.paged_decode_attention`` (validated there).
 
     q: [B, H, D]; k_pages, v_pages: [K, P, N, D], or [L, K, P, N, D] with ``layer`` an int32
@@ -206,11 +203,6 @@ def paged_decode_pallas(
     or None (one more key per sequence and kv head, after the cache's tokens). Returns [B, H, D]
     in q.dtype,
     and with ``return_lse`` also the natural-log softmax normaliser f32 [B, H] (-inf for length 0).
-    ``raw_partials``: return the unmerged split partials instead (even for one split), for a
-    consumer that merges them itself (``pallas_kernels.gemv.stacked_gemv_attn``): acc f32
-    [B, K, S, Gp, D], m and l f32 [B, K, S, Gp] (m in log2 units, the online softmax's running
-    max and denominator of split s); query head h is row h % G of kv head h // G, and rows
-    G..Gp-1 are padding, never written.
     """
     stacked = k_pages.ndim == 5
     num_layers = k_pages.shape[0] if stacked else 1
@@ -221,7 +213,7 @@ def paged_decode_pallas(
     max_pages = page_table.shape[1]
     rows = max(_MIN_DOT_ROWS, 1 << (group - 1).bit_length())
     splits = config.num_splits
-    partials = splits > 1 or return_lse or raw_partials  # the LSE needs the (m, l) partials
+    partials = splits > 1 or return_lse  # the LSE needs the (m, l) partials
 
     has_extra = k_extra is not None
     kernel = functools.partial(
@@ -287,8 +279,6 @@ def paged_decode_pallas(
     if not partials:
         return result[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
     acc, m, l = result
-    if raw_partials:
-        return acc, m, l
     m, l = m[..., :group], l[..., :group]
     out = merge_splits(acc[:, :, :, :group], m, l)
     out = out.reshape(batch, num_heads, head_dim).astype(q.dtype)
