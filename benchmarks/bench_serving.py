@@ -320,7 +320,8 @@ class CompileCounter:
 
 def build_model(shape: str, max_tokens: int, seed: int = 0, decode_num_splits: int | None = None):
     """PawQwen3 of ``SHAPES[shape]``, random bf16 weights, router with fixed random weights;
-    ``decode_num_splits``: ``RuntimeConfig.decode_num_splits`` (None: table / heuristic)."""
+    ``decode_num_splits``: ``RuntimeConfig.decode_num_splits`` (None: the static paths use the
+    table / heuristic, the engine ``ragged_num_splits``)."""
     import jax
 
     from benchmarks.bench_engine import ROUTER_ELASTIC
@@ -583,7 +584,8 @@ def main(argv=None) -> dict:
         "--decode-num-splits",
         type=int,
         default=None,
-        help="RuntimeConfig.decode_num_splits of every method (default: table / heuristic)",
+        help="RuntimeConfig.decode_num_splits of every method (default: table / heuristic; the "
+        "engine: ragged_num_splits)",
     )
     p.add_argument("--out", default=None)
     p.add_argument("--hf-worker", nargs=2, help=argparse.SUPPRESS)

@@ -196,8 +196,18 @@ def test_no_page_leak_random_arrivals(tiny_qwen3):
 
 
 def test_no_recompilation_in_steady_state(tiny_qwen3):
+    from pallas_kernels.paged_decode import ragged_num_splits
+
     model = load_model(tiny_qwen3[1], page_size=16)
     eng = Engine(model, 3, max_request_tokens=320)
+    # decode splits for ragged slots unless the user set them (then kept as given)
+    K = model.config.num_kv_heads
+    assert eng.decode_runtime.decode_num_splits == ragged_num_splits(3, K, 20, 16)
+    assert eng.decode_runtime == dataclasses.replace(
+        model.runtime, decode_num_splits=eng.decode_runtime.decode_num_splits
+    )
+    fixed = Engine(model.with_runtime(decode_num_splits=3), 3, max_request_tokens=320)
+    assert fixed.decode_runtime.decode_num_splits == 3
     for p, m in zip(_prompts(2, [10, 140, 60, 33]), [5, 9, 2, 7]):  # buckets 128 and 256
         eng.submit(p, m)
     eng.run()

@@ -46,6 +46,7 @@ from elastic_jax.loader import Model
 from elastic_jax.sampling import SamplingParams
 from elastic_jax.serving import steps
 from elastic_jax.serving.pages import PageAllocator
+from pallas_kernels.paged_decode import ragged_num_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,13 @@ class Engine:
             1,
             (self.allocator.num_pages + 1) * N,
         )
+        # Decode splits for ragged slots: the kernel's table and heuristic assume every row at
+        # the full length; here one long row among short ones sets the kernel time
+        # (``ragged_num_splits``). A value the user set is kept.
+        self.decode_runtime = rt
+        if rt.decode_num_splits is None:
+            splits = ragged_num_splits(S, cfg.num_kv_heads, M, N)
+            self.decode_runtime = dataclasses.replace(rt, decode_num_splits=splits)
         trash = self.allocator.trash_page
         self.max_stop_ids = max_stop_ids
         self.collect_info = collect_info
@@ -347,7 +355,7 @@ class Engine:
             read,
             self._slots(),
             self.model.config,
-            self.model.runtime,
+            self.decode_runtime,
             self._any_sampling(),
         )
         self.decode_steps += 1

@@ -5,7 +5,12 @@ semantics; ``pallas_triton.py`` holds the GPU kernel; ``config.py`` the tiling a
 """
 
 from pallas_kernels.paged_decode.api import IMPLEMENTATIONS, paged_decode_attention
-from pallas_kernels.paged_decode.config import PagedDecodeConfig, get_config, shape_key
+from pallas_kernels.paged_decode.config import (
+    PagedDecodeConfig,
+    get_config,
+    ragged_num_splits,
+    shape_key,
+)
 from pallas_kernels.paged_decode.reference import paged_decode_reference
 
 __all__ = [
@@ -14,5 +19,6 @@ __all__ = [
     "get_config",
     "paged_decode_attention",
     "paged_decode_reference",
+    "ragged_num_splits",
     "shape_key",
 ]

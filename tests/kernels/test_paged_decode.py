@@ -398,3 +398,14 @@ def test_extra_key_bad_inputs_raise():
         paged_decode_attention(q, k, v, table, lens, k_extra=kx[:1], v_extra=vx)
     with pytest.raises(ValueError, match="v_extra dtype"):
         paged_decode_attention(q, k, v, table, lens, k_extra=kx, v_extra=vx.astype(jnp.bfloat16))
+
+
+def test_ragged_splits_give_the_longest_row_the_gpu():
+    """At least the uniform heuristic's splits, about one program per SM for one row, a power
+    of two, and no more than half the key blocks of the table."""
+    for B, K, M, N in ((8, 8, 256, 128), (1, 8, 256, 128), (16, 8, 512, 128), (8, 2, 4, 16)):
+        got = config_lib.ragged_num_splits(B, K, M, N)
+        uniform = config_lib.heuristic_config(B, K, M, N).num_splits
+        assert got >= uniform and got & (got - 1) == 0
+        assert got <= max(M * N // 128 // 2, uniform, 1)
+    assert config_lib.ragged_num_splits(8, 8, 256, 128) == 16  # heuristic alone: 8
