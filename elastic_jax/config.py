@@ -379,9 +379,10 @@ class RuntimeConfig:
       17.32 to 16.62 ms at batch 8 (BENCHMARKS.md).
     decode_num_splits: parts the Pallas paged decode kernel cuts each sequence's pages into
       (flash-decoding; ``PagedDecodeConfig.num_splits``), or None for the autotune table / the
-      heuristic, which assume every row at the cache's full length. A ragged batch (the serving
-      engine's slots) may want more: its longest row's parts set the kernel time. Ignored by the
-      reference implementation.
+      heuristic, which assume every row at the cache's full length. A ragged batch wants more:
+      its longest row's parts set the kernel time, so ``serving.Engine`` decodes with
+      ``paged_decode.ragged_num_splits`` where this is None. Ignored by the reference
+      implementation.
     prefill_chunk: tokens per chunk for the MLP of prefill (and the reference attention's query
       tiles): bounds memory for long prompts; prompt buckets above it are its multiples.
     page_size: tokens per KV-cache page.
