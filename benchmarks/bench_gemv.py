@@ -24,6 +24,7 @@ calls, ~6-9 min on an H100;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -57,6 +58,19 @@ def sweep_configs(
                     )
                 )  # fmt: skip
     return out
+
+
+def then_rows_in_kernel(cfgs: list[GemvConfig], rows: list[dict], B: int, K: int, N: int):
+    """``cfgs``, then the fastest tensor-core config timed for (B, K, N) so far (read from
+    ``rows`` once the others have run) again with ``rows_in_kernel``."""
+    yield from cfgs
+    timed = [
+        r for r in rows
+        if (r["B"], r["K"], r["N"]) == (B, K, N) and r.get("config", {}).get("tensor_cores")
+    ]  # fmt: skip
+    if timed:
+        won = GemvConfig(**min(timed, key=lambda r: r["us"])["config"])
+        yield dataclasses.replace(won, rows_in_kernel=True)
 
 
 def time_stacked(fn, x, w, reps: int, cycle: int) -> float:
@@ -116,20 +130,10 @@ def main(argv=None) -> dict:
             default = default_config(K, N)
             cfgs = [default] + [c for c in cfgs if c != default]
             key = shape_key(B, K, N, jnp.bfloat16)
-            for cfg in cfgs + [None]:
+            for cfg in then_rows_in_kernel(cfgs, rows, B, K, N):
                 if time.perf_counter() - t0 > args.max_seconds:
                     cut = True
                     break
-                if cfg is None:  # last: the best tensor-core config again, rows padded in-kernel
-                    timed = [
-                        r for r in rows
-                        if (r["B"], r["K"], r["N"]) == (B, K, N)
-                        and r.get("config", {}).get("tensor_cores")
-                    ]  # fmt: skip
-                    if not timed:
-                        break
-                    won = min(timed, key=lambda r: r["us"])["config"]
-                    cfg = GemvConfig(**{**won, "rows_in_kernel": True})
                 name = "pallas default" if cfg == default else "pallas"
                 try:
                     sec = time_stacked(
