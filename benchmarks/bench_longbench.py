@@ -199,7 +199,9 @@ def prompt_table(
                     "_id": s["_id"],
                     "nominal": targets[_target_of(s["_id"])],
                     "prompt_tokens": n,
-                    "bucket": engine.prompt_bucket(n, model.runtime.prefill_chunk),
+                    "bucket": engine.prompt_bucket(
+                        n, model.runtime.prefill_chunk, model.runtime.prompt_bucket_steps
+                    ),
                     "max_new_tokens": m,
                     "capacity": engine.capacity_bucket(n + m, model.runtime.page_size),
                 }

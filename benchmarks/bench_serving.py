@@ -318,10 +318,17 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self)
 
 
-def build_model(shape: str, max_tokens: int, seed: int = 0, decode_num_splits: int | None = None):
+def build_model(
+    shape: str,
+    max_tokens: int,
+    seed: int = 0,
+    decode_num_splits: int | None = None,
+    prompt_bucket_steps: int = 1,
+):
     """PawQwen3 of ``SHAPES[shape]``, random bf16 weights, router with fixed random weights;
     ``decode_num_splits``: ``RuntimeConfig.decode_num_splits`` (None: the static paths use the
-    table / heuristic, the engine ``ragged_num_splits``)."""
+    table / heuristic, the engine ``ragged_num_splits``); ``prompt_bucket_steps``: the
+    ``RuntimeConfig`` field of every method."""
     import jax
 
     from benchmarks.bench_engine import ROUTER_ELASTIC
@@ -333,7 +340,11 @@ def build_model(shape: str, max_tokens: int, seed: int = 0, decode_num_splits: i
     cfg = make_config(shape, ROUTER_ELASTIC["full+xattn"])
     params = jax.jit(init_random, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
     jax.block_until_ready(params)
-    rt = RuntimeConfig(attention_mode="elastic", decode_num_splits=decode_num_splits)
+    rt = RuntimeConfig(
+        attention_mode="elastic",
+        decode_num_splits=decode_num_splits,
+        prompt_bucket_steps=prompt_bucket_steps,
+    )
     return Model(cfg, params, None, rt, max_tokens)
 
 
@@ -343,10 +354,12 @@ def run_engine(model, reqs: list[Request], slots: int, pool_tokens: int | None, 
     from elastic_jax.serving import Engine
 
     eng = Engine(model, slots, max_request_tokens=max_tokens, max_tokens_in_pool=pool_tokens)
-    chunk = model.runtime.prefill_chunk
+    rt = model.runtime
     seen: dict[int, Request] = {}
     for r in reqs:
-        seen.setdefault(buckets.prompt_bucket(len(r.prompt), chunk), r)
+        seen.setdefault(
+            buckets.prompt_bucket(len(r.prompt), rt.prefill_chunk, rt.prompt_bucket_steps), r
+        )
     t0 = time.perf_counter()
     for r in seen.values():
         eng.submit(r.prompt, 2)
@@ -386,7 +399,9 @@ def _static_group_note(model, group: list[Request], phase: str, i: int, n: int) 
     from elastic_jax.generate import _cache_capacity
 
     cfg, rt = model.config, model.runtime
-    T = engine.prompt_bucket(max(len(r.prompt) for r in group), rt.prefill_chunk)
+    T = engine.prompt_bucket(
+        max(len(r.prompt) for r in group), rt.prefill_chunk, rt.prompt_bucket_steps
+    )
     cap = _cache_capacity(model, [r.prompt for r in group], [r.max_new_tokens for r in group])
     B = engine.batch_bucket(len(group))
     est = memory.peak_estimate(cfg, rt, T, B, cap)
@@ -493,6 +508,7 @@ def _workload_argv(args) -> list[str]:
         ("--pool-tokens", args.pool_tokens),
         ("--hbm-gbps", args.hbm_gbps),
         ("--decode-num-splits", args.decode_num_splits),
+        ("--prompt-bucket-steps", args.prompt_bucket_steps),
     ):
         if value is not None:
             out += [flag, str(value)]
@@ -528,6 +544,12 @@ def _merge_rows_from(path: str, meta: dict, rows: list[dict], result: dict) -> N
     old = json.loads(Path(path).read_text())
     if old["meta"]["workload"] != meta["workload"] or old["meta"]["seed"] != meta["seed"]:
         raise ValueError(f"--rows-from {path}: measured on another workload (seed / sizes)")
+    steps = old["meta"].get("prompt_bucket_steps", 1)
+    if steps != meta["prompt_bucket_steps"]:
+        raise ValueError(
+            f"--rows-from {path}: measured with prompt_bucket_steps={steps}, "
+            f"not {meta['prompt_bucket_steps']}"
+        )
     for key in ("device", "hf"):
         if old["meta"].get(key) is not None:
             meta.setdefault(key, old["meta"][key])
@@ -587,6 +609,12 @@ def main(argv=None) -> dict:
         help="RuntimeConfig.decode_num_splits of every method (default: table / heuristic; the "
         "engine: ragged_num_splits)",
     )
+    p.add_argument(
+        "--prompt-bucket-steps",
+        type=int,
+        default=1,
+        help="RuntimeConfig.prompt_bucket_steps of every JAX method (prompt buckets per doubling)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--hf-worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -617,6 +645,7 @@ def main(argv=None) -> dict:
         "workload": describe(work),
         "buckets": {b: describe([r for r in work if r.bucket == b]) for b in _names(work)},
         "seed": args.seed,
+        "prompt_bucket_steps": args.prompt_bucket_steps,
         "isolation": args.isolation,
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
@@ -688,7 +717,9 @@ def _run_isolated(args, methods, meta, rows, result, save) -> None:
 def _run_in_process(args, methods, work, subsets, meta, rows, result, save) -> None:
     import jax
 
-    base = build_model(args.shape, args.max_prompt, args.seed, args.decode_num_splits)
+    base = build_model(
+        args.shape, args.max_prompt, args.seed, args.decode_num_splits, args.prompt_bucket_steps
+    )
     dense = base.with_runtime(attention_mode="dense")
     dev = jax.devices()[0]
     meta.update(device=dev.device_kind, platform=dev.platform, jax=jax.__version__)

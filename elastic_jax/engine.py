@@ -2,7 +2,9 @@
 
 Buckets (every distinct shape compiles once per process):
   - prompt length T: next power of two >= the longest prompt, at least 128; above
-    ``prefill_chunk`` tokens, the next multiple of ``prefill_chunk`` (e.g. 8K steps up to 128K);
+    ``prefill_chunk`` tokens, the next multiple of ``prefill_chunk`` (e.g. 8K steps up to 128K).
+    ``RuntimeConfig.prompt_bucket_steps`` = k > 1 cuts every doubling into k steps instead
+    (less padding, k times the prefill compilations);
   - batch: next power of two >= the number of prompts (padding rows are 1-token dummies);
   - cache capacity per sequence: ``capacity_bucket`` of the longest prompt + max_new_tokens
     (next power of two, or above 8K tokens a sixteenth-of-a-power-of-two step).
@@ -28,11 +30,17 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def prompt_bucket(n: int, chunk: int) -> int:
-    """Padded prompt length for a prompt of ``n`` tokens (see module docstring)."""
-    if n <= chunk:
-        return max(MIN_PROMPT_BUCKET, next_pow2(n))
-    return -(-n // chunk) * chunk
+def prompt_bucket(n: int, chunk: int, steps: int = 1) -> int:
+    """Padded prompt length for a prompt of ``n`` tokens: the next multiple of
+    ``next_pow2(n) / steps`` (at least 128 tokens, and above ``chunk`` at most ``chunk``).
+    steps=1: powers of two up to ``chunk``, then multiples of ``chunk`` (module docstring).
+    steps=8, chunk 8192: 3000 -> 3072, 5000 -> 5120, 20000 -> 20480 (steps=1: 4096, 8192,
+    24576)."""
+    p = max(MIN_PROMPT_BUCKET, next_pow2(n))
+    step = max(p // steps, MIN_PROMPT_BUCKET)
+    if n > chunk:
+        step = min(step, chunk)
+    return -(-n // step) * step
 
 
 def batch_bucket(n: int) -> int:

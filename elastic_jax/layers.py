@@ -66,16 +66,19 @@ def residual_in_chunks(fn, h: jax.Array, chunk: int | None) -> jax.Array:
     run ``chunk`` tokens at a time over h: [B, T, E] so only one chunk's intermediates (the MLP
     hidden: [B, C, F]) exist at once. Each chunk's result is written back into h in place
     (``dynamic_update_slice`` in a ``fori_loop``): no stacked output buffer and no copy into it,
-    which ``lax.map`` costs (seen as memcpy kernels in the 8B prefill profile)."""
+    which ``lax.map`` costs (seen as memcpy kernels in the 8B prefill profile). A T that is not
+    a multiple of ``chunk`` ends with one shorter chunk (fn traced for that shape too)."""
     T = h.shape[1]
     if chunk is None or T <= chunk:
         return fn(h)
-    if T % chunk:
-        raise ValueError(f"sequence length {T} is not a multiple of the chunk size {chunk}")
+    full, tail = divmod(T, chunk)
 
     def body(i, h):
         start = i * chunk
         part = jax.lax.dynamic_slice_in_dim(h, start, chunk, axis=1)
         return jax.lax.dynamic_update_slice_in_dim(h, fn(part), start, axis=1)
 
-    return jax.lax.fori_loop(0, T // chunk, body, h)
+    h = jax.lax.fori_loop(0, full, body, h)
+    if tail:
+        h = jax.lax.dynamic_update_slice_in_dim(h, fn(h[:, full * chunk :]), full * chunk, axis=1)
+    return h

@@ -195,6 +195,20 @@ def test_buckets():
     assert engine.prompt_bucket(8192, 8192) == 8192
     assert engine.prompt_bucket(8193, 8192) == 16384
     assert engine.prompt_bucket(100_000, 8192) == 106_496
+    # Finer steps: k buckets per doubling, never coarser than the chunk above it.
+    assert engine.prompt_bucket(1, 8192, 8) == 128
+    assert engine.prompt_bucket(3000, 8192, 8) == 3072
+    assert engine.prompt_bucket(5000, 8192, 8) == 5120
+    assert engine.prompt_bucket(20_000, 8192, 8) == 20_480
+    assert engine.prompt_bucket(100_000, 8192, 8) == 106_496  # the chunk caps the step
+    assert engine.prompt_bucket(200, 8192, 8) == 256
+    assert engine.prompt_bucket(300, 256, 8) == 384  # tests/test_serving.py's finer buckets
+    assert engine.prompt_bucket(513, 256, 8) == 640
+    assert engine.prompt_bucket(300, 256) == 512
+    for steps in (1, 2, 4, 8, 16):
+        for n in range(1, 70_000, 997):
+            b = engine.prompt_bucket(n, 8192, steps)
+            assert n <= b and b % 128 == 0 and b <= max(128, 2 * n)
     assert engine.batch_bucket(3) == 4
     assert engine.capacity_bucket(300, 128) == 512
     # Long requests step by a sixteenth of the power of two (never below 8K tokens) instead
@@ -331,8 +345,8 @@ def test_residual_in_chunks_equals_whole():
 
     np.testing.assert_allclose(residual_in_chunks(block, h, 32), block(h), atol=1e-6, rtol=0)
     np.testing.assert_allclose(residual_in_chunks(block, h, 128), block(h), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="not a multiple of the chunk size 64"):
-        residual_in_chunks(block, h, 64)
+    # 96 = 64 + a 32-token tail chunk
+    np.testing.assert_allclose(residual_in_chunks(block, h, 64), block(h), atol=1e-6, rtol=0)
 
 
 def test_pallas_out_projection_in_the_model(tiny_qwen3):

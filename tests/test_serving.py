@@ -152,6 +152,25 @@ def test_engine_matches_static_elastic(tiny_paw_checkpoints):
     assert len(modes) >= 2  # the router really mixed modes across these prompts
 
 
+def test_finer_prompt_buckets_change_nothing_but_padding(tiny_paw_checkpoints):
+    """prompt_bucket_steps=8 with a 256-token prefill chunk pads 300 tokens to 384 (a chunk + a
+    128-token tail) and 513 to 640 (2 chunks + a tail), not 512 / 768 (steps=1): the engine's
+    greedy tokens and the router's modes equal the coarse-bucket static path's."""
+    _, conv = tiny_paw_checkpoints(elastic=XATTN_STREAMING)
+    coarse = load_model(conv, page_size=32, prefill_impl="reference", prefill_chunk=256)
+    fine = coarse.with_runtime(prompt_bucket_steps=8)
+    lengths = [300, 513, 40, 129]
+    budgets = [5, 3, 6, 4]
+    prompts = _prompts(2, lengths)
+    res = generate(
+        fine, prompts, max_new_tokens=budgets, stop_token_ids=[], num_slots=2, return_info=True
+    )
+    assert res.token_ids == _alone(coarse, prompts, budgets)
+    static = generate_static(coarse, prompts[:1], max_new_tokens=2, return_info=True)
+    assert res.prefill_info[0]["modes"] == static.prefill_info[0]["modes"]
+    assert res.prefill_info[0]["sparsity"] == pytest.approx(static.prefill_info[0]["sparsity"])
+
+
 def test_no_page_leak_random_arrivals(tiny_qwen3):
     """Requests arrive between steps in a seeded random order, some stop early on a stop token,
     the pool is smaller than slots x capacity so admission waits for pages. Pages held always

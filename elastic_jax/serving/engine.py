@@ -199,7 +199,9 @@ class Engine:
         memory.check_fits(
             cfg,
             rt,
-            buckets.prompt_bucket(self.max_request_tokens - 1, rt.prefill_chunk),
+            buckets.prompt_bucket(
+                self.max_request_tokens - 1, rt.prefill_chunk, rt.prompt_bucket_steps
+            ),
             1,
             (self.allocator.num_pages + 1) * N,
         )
@@ -399,7 +401,7 @@ class Engine:
         self._slots_dev = None
         self._pool = dataclasses.replace(self._pool, page_table=jnp.asarray(self._table))
         n = len(req.prompt)
-        T = buckets.prompt_bucket(n, rt.prefill_chunk)
+        T = buckets.prompt_bucket(n, rt.prefill_chunk, rt.prompt_bucket_steps)
         prompt = np.full((1, T), cfg.pad_token_id or 0, np.int32)
         prompt[0, :n] = req.prompt
         req.t_admit = time.perf_counter()
