@@ -544,11 +544,10 @@ def _merge_rows_from(path: str, meta: dict, rows: list[dict], result: dict) -> N
     old = json.loads(Path(path).read_text())
     if old["meta"]["workload"] != meta["workload"] or old["meta"]["seed"] != meta["seed"]:
         raise ValueError(f"--rows-from {path}: measured on another workload (seed / sizes)")
-    steps = old["meta"].get("prompt_bucket_steps", 1)
-    if steps != meta["prompt_bucket_steps"]:
+    theirs, mine = (m.get("prompt_bucket_steps", 1) for m in (old["meta"], meta))
+    if theirs != mine:
         raise ValueError(
-            f"--rows-from {path}: measured with prompt_bucket_steps={steps}, "
-            f"not {meta['prompt_bucket_steps']}"
+            f"--rows-from {path}: measured with prompt_bucket_steps={theirs}, not {mine}"
         )
     for key in ("device", "hf"):
         if old["meta"].get(key) is not None:

@@ -124,6 +124,9 @@ def test_rows_from_adds_rows_of_the_same_workload_only(tmp_path):
     elsewhere = {"workload": bs.describe(work), "seed": 0, "device": "GPU Y"}
     with pytest.raises(ValueError, match="GPU X"):
         bs._merge_rows_from(path, elsewhere, [], {"decode_step": None})
+    finer = {"workload": bs.describe(work), "seed": 0, "prompt_bucket_steps": 8}
+    with pytest.raises(ValueError, match="prompt_bucket_steps=1, not 8"):
+        bs._merge_rows_from(path, finer, [], {"decode_step": None})
 
 
 def test_methods_and_sections_are_checked():
