@@ -407,7 +407,36 @@ def _static_group_note(model, group: list[Request], phase: str, i: int, n: int) 
     est = memory.peak_estimate(cfg, rt, T, B, cap)
     return (
         f"{phase} batch {i + 1}/{n}: batch {B}, prompt bucket {T}, cache {cap} tokens/row, "
-        f"predicted peak {est.total / 2**30:.1f} GiB ({est.phase})"
+        f"predicted peak {est.total / 2**30:.1f} GiB ({est.phase}); "
+        + _compiled_prefill_memory(model, T, B, cap)
+    )
+
+
+def _compiled_prefill_memory(model, T: int, B: int, cap: int) -> str:
+    """XLA's own buffer sizes for that batch's prefill step (compiled from shapes, nothing
+    allocated): a temp near one cache array's size means the step copies the cache instead of
+    updating it in place."""
+    import jax
+    import jax.numpy as jnp
+
+    from elastic_jax import engine, kv_cache
+
+    cfg, rt = model.config, model.runtime
+    cache = jax.eval_shape(lambda: kv_cache.create(cfg, B, cap, page_size=rt.page_size))
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    try:
+        compiled = engine.prefill_step.lower(model.params, cache, tokens, lengths, cfg, rt)
+        m = compiled.compile().memory_analysis()
+    except Exception as e:  # a diagnostic must not hide the error it explains
+        return f"compiled prefill: not analysed ({type(e).__name__})"
+    if m is None:
+        return "compiled prefill: no memory analysis on this backend"
+    gib = 2.0**30
+    return (
+        f"compiled prefill: temp {m.temp_size_in_bytes / gib:.4g} GiB, aliased "
+        f"{m.alias_size_in_bytes / gib:.4g} GiB, one cache array "
+        f"{cache.k.size * cache.k.dtype.itemsize / gib:.4g} GiB"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -78,6 +79,14 @@ def test_a_failed_method_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     # The row names the static batch that failed and the memory model's prediction for it.
     (note,) = rows[0]["error_context"]
     assert note.startswith("warm-up batch 1/1: batch 2, prompt bucket") and "predicted peak" in note
+    # ... and XLA's buffer sizes for that batch's compiled prefill (CPU has a memory analysis).
+    num = r"([\d.e+-]+)"
+    m = re.search(rf"compiled prefill: temp {num} GiB, aliased {num} GiB, one cache array {num} GiB",
+                  note)  # fmt: skip
+    assert m, note
+    temp, aliased, one = map(float, m.groups())
+    assert one > 0 and aliased == pytest.approx(2 * one, rel=0.01)  # K and V updated in place
+    assert temp > 0
     assert rows[2]["requests"] == 3 and rows[2]["requests_per_min"] > 0
 
 
