@@ -44,6 +44,7 @@ def load_model(
     prefill_impl: str = "auto",
     decode_impl: str = "auto",
     prefill_chunk: int = 8192,
+    prompt_bucket_steps: int = 1,
     page_size: int = 128,
     max_cache_tokens: int | None = None,
     collect_stats: bool = True,
@@ -62,6 +63,7 @@ def load_model(
         prefill_impl=prefill_impl,
         decode_impl=decode_impl,
         prefill_chunk=prefill_chunk,
+        prompt_bucket_steps=prompt_bucket_steps,
         page_size=page_size,
         collect_stats=collect_stats,
     )

@@ -106,3 +106,5 @@ def test_runtime_config_validation():
     with pytest.raises(ValueError, match="decode_num_splits=0 must be None or a positive int"):
         RuntimeConfig(decode_num_splits=0)
     assert RuntimeConfig(decode_num_splits=32).decode_num_splits == 32
+    with pytest.raises(ValueError, match="prompt_bucket_steps=3 must be a positive power of two"):
+        RuntimeConfig(prompt_bucket_steps=3)
