@@ -135,19 +135,27 @@ def test_engine_matches_static_dense(tiny_qwen3):
     assert all(t.prefill_ms > 0 for t in res.timings)
 
 
+def _engine_matches_alone(engine_model, alone_model, prompts, budgets):
+    """Greedy tokens of the engine (2 slots) equal each prompt alone through the static path of
+    ``alone_model``, and the first prompt's router modes and sparsity equal the static path's.
+    Returns the engine's result."""
+    res = generate(
+        engine_model, prompts, max_new_tokens=budgets, stop_token_ids=[], num_slots=2,
+        return_info=True,
+    )  # fmt: skip
+    assert res.token_ids == _alone(alone_model, prompts, budgets)
+    static = generate_static(alone_model, prompts[:1], max_new_tokens=2, return_info=True)
+    assert res.prefill_info[0]["modes"] == static.prefill_info[0]["modes"]
+    assert res.prefill_info[0]["sparsity"] == pytest.approx(static.prefill_info[0]["sparsity"])
+    return res
+
+
 def test_engine_matches_static_elastic(tiny_paw_checkpoints):
     _, conv = tiny_paw_checkpoints(elastic=XATTN_STREAMING)
     model = load_model(conv, page_size=32, prefill_impl="reference")
     lengths = [300, 513, 40, 640, 129]
     budgets = [6, 3, 8, 4, 5]
-    prompts = _prompts(1, lengths)
-    res = generate(
-        model, prompts, max_new_tokens=budgets, stop_token_ids=[], num_slots=2, return_info=True
-    )
-    assert res.token_ids == _alone(model, prompts, budgets)
-    static = generate_static(model, prompts[:1], max_new_tokens=2, return_info=True)
-    assert res.prefill_info[0]["modes"] == static.prefill_info[0]["modes"]
-    assert res.prefill_info[0]["sparsity"] == pytest.approx(static.prefill_info[0]["sparsity"])
+    res = _engine_matches_alone(model, model, _prompts(1, lengths), budgets)
     modes = {m for info in res.prefill_info for row in info["modes"] for m in row}
     assert len(modes) >= 2  # the router really mixed modes across these prompts
 
@@ -161,14 +169,7 @@ def test_finer_prompt_buckets_change_nothing_but_padding(tiny_paw_checkpoints):
     fine = coarse.with_runtime(prompt_bucket_steps=8)
     lengths = [300, 513, 40, 129]
     budgets = [5, 3, 6, 4]
-    prompts = _prompts(2, lengths)
-    res = generate(
-        fine, prompts, max_new_tokens=budgets, stop_token_ids=[], num_slots=2, return_info=True
-    )
-    assert res.token_ids == _alone(coarse, prompts, budgets)
-    static = generate_static(coarse, prompts[:1], max_new_tokens=2, return_info=True)
-    assert res.prefill_info[0]["modes"] == static.prefill_info[0]["modes"]
-    assert res.prefill_info[0]["sparsity"] == pytest.approx(static.prefill_info[0]["sparsity"])
+    _engine_matches_alone(fine, coarse, _prompts(2, lengths), budgets)
 
 
 def test_no_page_leak_random_arrivals(tiny_qwen3):
