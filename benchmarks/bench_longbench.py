@@ -199,9 +199,7 @@ def prompt_table(
                     "_id": s["_id"],
                     "nominal": targets[_target_of(s["_id"])],
                     "prompt_tokens": n,
-                    "bucket": engine.prompt_bucket(
-                        n, model.runtime.prefill_chunk, model.runtime.prompt_bucket_steps
-                    ),
+                    "bucket": engine.prompt_bucket_for(n, model.runtime),
                     "max_new_tokens": m,
                     "capacity": engine.capacity_bucket(n + m, model.runtime.page_size),
                 }

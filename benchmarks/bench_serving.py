@@ -354,12 +354,9 @@ def run_engine(model, reqs: list[Request], slots: int, pool_tokens: int | None, 
     from elastic_jax.serving import Engine
 
     eng = Engine(model, slots, max_request_tokens=max_tokens, max_tokens_in_pool=pool_tokens)
-    rt = model.runtime
     seen: dict[int, Request] = {}
     for r in reqs:
-        seen.setdefault(
-            buckets.prompt_bucket(len(r.prompt), rt.prefill_chunk, rt.prompt_bucket_steps), r
-        )
+        seen.setdefault(buckets.prompt_bucket_for(len(r.prompt), model.runtime), r)
     t0 = time.perf_counter()
     for r in seen.values():
         eng.submit(r.prompt, 2)
@@ -399,9 +396,7 @@ def _static_group_note(model, group: list[Request], phase: str, i: int, n: int) 
     from elastic_jax.generate import _cache_capacity
 
     cfg, rt = model.config, model.runtime
-    T = engine.prompt_bucket(
-        max(len(r.prompt) for r in group), rt.prefill_chunk, rt.prompt_bucket_steps
-    )
+    T = engine.prompt_bucket_for(max(len(r.prompt) for r in group), rt)
     cap = _cache_capacity(model, [r.prompt for r in group], [r.max_new_tokens for r in group])
     B = engine.batch_bucket(len(group))
     est = memory.peak_estimate(cfg, rt, T, B, cap)

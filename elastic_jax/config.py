@@ -387,9 +387,9 @@ class RuntimeConfig:
       tiles): bounds memory for long prompts; prompt buckets above it are its multiples.
     prompt_bucket_steps: prompt-length buckets per doubling (``engine.prompt_bucket``): 1 pads
       a prompt to the next power of two (above ``prefill_chunk``: its next multiple), k > 1 to
-      the next multiple of a k-th of that power of two. A LongBench-E-shaped mix pays for about 33%
-      more prefill FLOPs than its real lengths at 1 and 11% at 8, at the price of up to k
-      times as many prefill compilations.
+      the next multiple of a k-th of that power of two. A LongBench-E-shaped mix pays for
+      about 33% more prefill FLOPs than its real lengths at 1 and 11% at 8, at the price of up
+      to k times as many prefill compilations.
     page_size: tokens per KV-cache page.
     collect_stats: return per-layer/head modes and kept-block fractions from prefill.
     xattn_sink_rule: "official" (default) reproduces the official ``find_blocks_chunked``

@@ -43,6 +43,11 @@ def prompt_bucket(n: int, chunk: int, steps: int = 1) -> int:
     return -(-n // step) * step
 
 
+def prompt_bucket_for(n: int, rt: RuntimeConfig) -> int:
+    """``prompt_bucket`` with the runtime's ``prefill_chunk`` and ``prompt_bucket_steps``."""
+    return prompt_bucket(n, rt.prefill_chunk, rt.prompt_bucket_steps)
+
+
 def batch_bucket(n: int) -> int:
     return next_pow2(n)
 

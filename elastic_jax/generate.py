@@ -159,7 +159,7 @@ def generate_static_iter(
     n = len(ids)
     budgets, stops = _budgets_and_stops(model, ids, max_new_tokens, stop_token_ids)
 
-    T = engine.prompt_bucket(max(len(p) for p in ids), rt.prefill_chunk, rt.prompt_bucket_steps)
+    T = engine.prompt_bucket_for(max(len(p) for p in ids), rt)
     B = engine.batch_bucket(n)
     tokens = np.full((B, T), cfg.pad_token_id or 0, np.int32)
     lengths = np.ones((B,), np.int32)

@@ -199,9 +199,7 @@ class Engine:
         memory.check_fits(
             cfg,
             rt,
-            buckets.prompt_bucket(
-                self.max_request_tokens - 1, rt.prefill_chunk, rt.prompt_bucket_steps
-            ),
+            buckets.prompt_bucket_for(self.max_request_tokens - 1, rt),
             1,
             (self.allocator.num_pages + 1) * N,
         )
@@ -401,7 +399,7 @@ class Engine:
         self._slots_dev = None
         self._pool = dataclasses.replace(self._pool, page_table=jnp.asarray(self._table))
         n = len(req.prompt)
-        T = buckets.prompt_bucket(n, rt.prefill_chunk, rt.prompt_bucket_steps)
+        T = buckets.prompt_bucket_for(n, rt)
         prompt = np.full((1, T), cfg.pad_token_id or 0, np.int32)
         prompt[0, :n] = req.prompt
         req.t_admit = time.perf_counter()

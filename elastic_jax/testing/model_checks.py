@@ -482,7 +482,7 @@ def long_prefill(model: Model, length: int, *, seed: int = 0):
 
     Returns (prefill logits float32 [V], decode logits float32 [V], stats {name: [L, 1, ...]})."""
     cfg, rt = model.config, model.runtime
-    width = engine.prompt_bucket(length, rt.prefill_chunk, rt.prompt_bucket_steps)
+    width = engine.prompt_bucket_for(length, rt)
     tokens, lengths = random_tokens(seed, [length], cfg.vocab_size, width)
     capacity = engine.capacity_bucket(length + 1, rt.page_size)
     cache = kv_cache.create(cfg, 1, capacity, page_size=rt.page_size)

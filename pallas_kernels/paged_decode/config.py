@@ -97,6 +97,16 @@ def shape_key(
     )
 
 
+def _key_blocks(cfg: PagedDecodeConfig, max_pages: int, page_size: int) -> int:
+    """Key blocks of a full page table under ``cfg``'s block size."""
+    return math.ceil(max_pages * page_size / cfg.block_tokens(page_size))
+
+
+def _nearest_pow2(x: float) -> int:
+    """The power of two nearest ``x`` in log scale (1 below 1)."""
+    return 1 << max(0, round(math.log2(x))) if x >= 1 else 1
+
+
 def heuristic_config(
     batch: int, num_kv_heads: int, max_pages: int, page_size: int
 ) -> PagedDecodeConfig:
@@ -106,10 +116,8 @@ def heuristic_config(
     chunks = max(1, page_size // 128)
     stages = 4 if page_size // chunks <= 64 else 3  # K+V stages must fit in shared memory
     cfg = PagedDecodeConfig(page_chunks=chunks, num_stages=stages)
-    blocks = math.ceil(max_pages * page_size / cfg.block_tokens(page_size))
-    want = 4 * _DEFAULT_NUM_SMS / max(batch * num_kv_heads, 1)
-    splits = 1 << max(0, round(math.log2(want))) if want >= 1 else 1
-    splits = max(1, min(splits, blocks // 2))
+    splits = _nearest_pow2(4 * _DEFAULT_NUM_SMS / max(batch * num_kv_heads, 1))
+    splits = max(1, min(splits, _key_blocks(cfg, max_pages, page_size) // 2))
     return dataclasses.replace(cfg, num_splits=splits)
 
 
@@ -121,8 +129,8 @@ def ragged_num_splits(batch: int, num_kv_heads: int, max_pages: int, page_size: 
     (``bench_paged_decode.py --shapes 10``): 172.4 us at the heuristic's 8 splits, 152.4 us at
     16, 152-154 us anywhere from 9 to 64."""
     uniform = heuristic_config(batch, num_kv_heads, max_pages, page_size)
-    one_row = 1 << max(0, round(math.log2(max(_DEFAULT_NUM_SMS / max(num_kv_heads, 1), 1))))
-    blocks = math.ceil(max_pages * page_size / uniform.block_tokens(page_size))
+    one_row = _nearest_pow2(_DEFAULT_NUM_SMS / max(num_kv_heads, 1))
+    blocks = _key_blocks(uniform, max_pages, page_size)
     return max(uniform.num_splits, min(one_row, max(blocks // 2, 1)))
 
 

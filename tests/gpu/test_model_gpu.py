@@ -225,7 +225,7 @@ def check_generate(ck: mc.Checkpoints, plan: Plan) -> None:
     assert len(lengths) > 1
     for name, prefill_impl, decode_impl in plan.generate_runs:
         model = load_model(ck.qwen_bf16 if name == "qwen" else ck.paw_bf16, page_size=page)
-        assert max(lengths) + n > engine.prompt_bucket(max(lengths), model.runtime.prefill_chunk)
+        assert max(lengths) + n > engine.prompt_bucket_for(max(lengths), model.runtime)
         tokens, _ = mc.random_tokens(3, lengths, model.config.vocab_size)
         prompts = [row[:m].tolist() for row, m in zip(tokens, lengths)]
         ref = model.with_runtime(prefill_impl="reference", decode_impl="reference")
