@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -61,31 +62,59 @@ def median_seconds(fn, reps: int, *args) -> float:
     return statistics.median(time_calls(lambda: fn(*args), reps))
 
 
-def prefill_caller(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, seed: int = 0):
+def prefill_caller(
+    params, cfg: ModelConfig, rt: RuntimeConfig, T: int, seed: int = 0, aot: bool = False
+):
     """``run() -> (logits, stats)``: one jitted prefill of a random T-token prompt (batch 1). The
-    cache (T + 256 tokens) is donated to each call and replaced by the call's output."""
+    cache (T + 256 tokens) is donated to each call and replaced by the call's output. ``aot``:
+    compile ahead of time here (``lower().compile()``), so the first ``run()`` executes only."""
     tokens = jax.random.randint(jax.random.PRNGKey(seed), (1, T), 0, cfg.vocab_size, jnp.int32)
     lengths = jnp.array([T], jnp.int32)
     holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
+    step = functools.partial(engine.prefill_step, cfg=cfg, rt=rt)
+    if aot:
+        compiled = engine.prefill_step.lower(
+            params, holder["cache"], tokens, lengths, cfg=cfg, rt=rt
+        ).compile()
+        step = compiled
 
     def run():
-        logits, holder["cache"], stats = engine.prefill_step(
-            params, holder["cache"], tokens, lengths, cfg, rt
-        )
+        logits, holder["cache"], stats = step(params, holder["cache"], tokens, lengths)
         return logits, stats
 
     return run
 
 
-def bench_prefill(params, cfg: ModelConfig, rt: RuntimeConfig, T: int, reps: int, seed: int = 0):
+def bench_prefill(
+    params,
+    cfg: ModelConfig,
+    rt: RuntimeConfig,
+    T: int,
+    reps: int,
+    seed: int = 0,
+    warmup: str = "run",
+):
     """Median seconds of one prefill of a T-token prompt (batch 1), and the info dict: every
-    timed call's seconds (``all_s``) and, for elastic runs, kept fraction and head modes."""
-    run = prefill_caller(params, cfg, rt, T, seed)
-    # Compile + warm-up, waited for whole: blocking on the stats alone returned at once for the
-    # dense path (no stats), so the first timed call used to absorb the warm-up's tail.
-    stats = jax.block_until_ready(run())[1]
-    times = time_calls(lambda: run()[0], reps)
-    info = {"all_s": times}
+    timed call's seconds (``all_s``) and, for elastic runs, kept fraction and head modes.
+
+    ``warmup``: "run" (compile, then one untimed call) or "compile" (ahead-of-time compile
+    only; every call is timed: for prompts whose one call takes minutes)."""
+    if warmup not in ("run", "compile"):
+        raise ValueError(f"warmup={warmup!r}: one of 'run', 'compile'")
+    run = prefill_caller(params, cfg, rt, T, seed, aot=warmup == "compile")
+    last = {}
+
+    def timed():
+        last["out"] = run()
+        return last["out"][0]
+
+    if warmup == "run":
+        # Compile + warm-up, waited for whole: blocking on the stats alone returned at once for
+        # the dense path (no stats), so the first timed call used to absorb the warm-up's tail.
+        jax.block_until_ready(run())
+    times = time_calls(timed, reps)
+    stats = last["out"][1]
+    info = {"all_s": times, "warmup": warmup}
     if stats:
         kept = np.asarray(stats["kept_blocks"], np.float64).sum()
         causal = np.asarray(stats["causal_blocks"], np.float64).sum()

@@ -7,8 +7,9 @@
 For each prompt length, in increasing order, one fresh subprocess (so each length's peak
 memory is its own: JAX cannot reset ``peak_bytes_in_use``) measures:
   - prefill time (``prefill_step``, whole model, cache of T + 256 tokens, median of --reps after
-    a warm-up) and kept fraction for every mode: ``dense`` (the "auto" dense kernel), the two
-    routers of ``bench_engine.ROUTER_ELASTIC`` (fixed random router weights), and every head
+    a warm-up: one untimed call, or from 256K (``--warmup auto``) an ahead-of-time compile
+    only, since one 512K dense call takes minutes) and kept fraction for every mode: ``dense``
+    (the "auto" dense kernel), the two routers of ``bench_engine.ROUTER_ELASTIC`` (fixed random router weights), and every head
     forced to XAttention with synthetic kept-block densities (``syn0.01`` = 1%);
   - router time per layer (all layers' routers in one jit, as ``bench_engine`` parts);
   - decode step time at a context of T tokens (batch 1, Pallas paged decode on GPU);
@@ -41,6 +42,7 @@ import time
 
 DEFAULT_MODES = "dense,full+xattn,xattn+streaming,syn0.01,syn0.05,syn0.30"
 CACHE_MARGIN = 256  # cache tokens past the prompt (as bench_model.prefill_caller)
+AOT_FROM_TOKENS = 262144  # --warmup auto: compile-only warm-up from this length
 
 
 def parse_mode(mode: str):
@@ -133,11 +135,12 @@ def run_length(args, T: int, modes: list[str], rows_path: str | None) -> None:
             _emit(rows_path, {**row, "skipped": str(e).splitlines()[0]})
             continue
         t0 = time.perf_counter()
-        sec, info = bench_prefill(params, cfg, rt, T, args.reps)
+        sec, info = bench_prefill(params, cfg, rt, T, args.reps, warmup=warmup_for(args, T))
         running_pred = max(running_pred, preds[mode]["prefill_gib"])
         row.update(
             s=sec,
             all_s=info["all_s"],
+            warmup=info["warmup"],
             wall_s=time.perf_counter() - t0,
             kept_fraction=info.get("kept_fraction", 1.0),
             head_mode_fractions=info.get("head_mode_fractions"),
@@ -179,10 +182,19 @@ def run_length(args, T: int, modes: list[str], rows_path: str | None) -> None:
 def _child_cmd(args, T: int, modes: list[str], rows_path: str, decode: bool, router: bool):
     cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--child", "--shape", args.shape]
     cmd += ["--lengths", str(T), "--modes", ",".join(modes), "--reps", str(args.reps)]
+    cmd += ["--warmup", args.warmup]
     cmd += ["--decode-steps", str(args.decode_steps if decode else 0), "--rows", rows_path]
     cmd += [] if router else ["--no-router"]
     cmd += ["--no-fit-check"] if args.no_fit_check else []
     return cmd
+
+
+def warmup_for(args, T: int) -> str:
+    """Prefill warm-up at T tokens: "auto" runs one untimed call below ``AOT_FROM_TOKENS`` and
+    only compiles from there (one 8B dense prefill of 512K tokens takes minutes)."""
+    if args.warmup != "auto":
+        return args.warmup
+    return "compile" if T >= AOT_FROM_TOKENS else "run"
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -212,6 +224,7 @@ def _meta(args) -> dict:
         "mem_fraction_env": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "cache_tokens": f"T + {CACHE_MARGIN}",
         "reps": args.reps,
+        "warmup": args.warmup,
         "decode_steps": args.decode_steps,
     }
 
@@ -306,6 +319,13 @@ def main(argv=None):
     p.add_argument("--lengths", default="8192,16384,32768,65536,131072,262144")
     p.add_argument("--modes", default=DEFAULT_MODES)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument(
+        "--warmup",
+        default="auto",
+        choices=("auto", "run", "compile"),
+        help="prefill warm-up: one untimed call (run), ahead-of-time compile only (compile), "
+        f"or run below {AOT_FROM_TOKENS} tokens and compile from there (auto)",
+    )
     p.add_argument("--decode-steps", type=int, default=10, help="0: no decode rows")
     p.add_argument("--no-router", dest="router", action="store_false")
     p.add_argument("--no-fit-check", action="store_true")

@@ -7,6 +7,7 @@ import json
 import sys
 
 import jax
+import pytest
 
 from benchmarks import bench_engine
 
@@ -59,6 +60,16 @@ def test_bench_model_fill_and_warmup(tmp_path):
     params = init_random(cfg, jax.random.PRNGKey(0))
     sec, info = bench_prefill(params, cfg, RuntimeConfig(attention_mode="dense"), 128, 3)
     assert len(info["all_s"]) == 3 and sec == sorted(info["all_s"])[1]
+    # Compile-only warm-up (long prompts): every call is timed; elastic stats still come back.
+    el = make_config("tiny", bench_engine.ROUTER_ELASTIC["full+xattn"])
+    params = init_random(el, jax.random.PRNGKey(0))
+    sec, info = bench_prefill(
+        params, el, RuntimeConfig(attention_mode="elastic"), 256, 2, warmup="compile"
+    )
+    assert len(info["all_s"]) == 2 and info["warmup"] == "compile"
+    assert 0 < info["kept_fraction"] <= 1
+    with pytest.raises(ValueError, match="warmup='twice'"):
+        bench_prefill(params, el, RuntimeConfig(attention_mode="elastic"), 256, 1, warmup="twice")
 
 
 def test_ab_prefill_against_itself(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ def test_scale_benchmark_in_process(tmp_path):
     out = tmp_path / "scale.json"
     res = bench_scale.main(
         ["--shape", "tiny", "--lengths", "256", "--modes", "dense,full+xattn,syn0.30",
-         "--reps", "1", "--decode-steps", "2", "--in-process", "--out", str(out)]
+         "--reps", "1", "--decode-steps", "2", "--warmup", "compile", "--in-process",
+         "--out", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["meta"]["shape"] == "tiny" and res["meta"]["dtype"] == "bfloat16"
@@ -23,7 +24,7 @@ def test_scale_benchmark_in_process(tmp_path):
     assert [(r["tokens"], r["mode"]) for r in pre] == [
         (256, m) for m in ("dense", "full+xattn", "syn0.30")
     ]
-    assert all(r["s"] > 0 and r["pred_gib"] > 0 for r in pre)
+    assert all(r["s"] > 0 and r["pred_gib"] > 0 and r["warmup"] == "compile" for r in pre)
     assert all(r["pred_running_gib"] >= r["pred_gib"] - 1e-12 for r in pre)
     syn = [r for r in pre if r["mode"] == "syn0.30"]
     assert all(r["head_mode_fractions"]["1"] == 1.0 for r in syn)
@@ -57,6 +58,7 @@ def test_scale_benchmark_child_per_length_and_time_guard(tmp_path):
     assert res["meta"]["shape"] == "tiny" and res["meta"]["platform"] == "cpu"
     assert [(r["what"], r["tokens"]) for r in rows] == [("prefill", 256), ("skipped", 1048576)]
     assert rows[0]["s"] > 0 and rows[0]["mode"] == "dense"
+    assert rows[0]["warmup"] == "run"  # --warmup auto: compile-only from 256K tokens
     assert "time guard" in rows[1]["reason"]
 
 
