@@ -9,8 +9,9 @@ memory is its own: JAX cannot reset ``peak_bytes_in_use``) measures:
   - prefill time (``prefill_step``, whole model, cache of T + 256 tokens, median of --reps after
     a warm-up: one untimed call, or from 256K (``--warmup auto``) an ahead-of-time compile
     only, since one 512K dense call takes minutes) and kept fraction for every mode: ``dense``
-    (the "auto" dense kernel), the two routers of ``bench_engine.ROUTER_ELASTIC`` (fixed random router weights), and every head
-    forced to XAttention with synthetic kept-block densities (``syn0.01`` = 1%);
+    (the "auto" dense kernel), the two routers of ``bench_engine.ROUTER_ELASTIC`` (fixed
+    random router weights), and every head forced to XAttention with synthetic kept-block
+    densities (``syn0.01`` = 1%);
   - router time per layer (all layers' routers in one jit, as ``bench_engine`` parts);
   - decode step time at a context of T tokens (batch 1, Pallas paged decode on GPU);
   - the running peak (``memory_stats()["peak_bytes_in_use"]``) after each mode, next to the memory
