@@ -30,6 +30,10 @@ shape it will meet, and backend compilations during the timed part are counted, 
                           ``--static-b8-requests`` (24), dense attention, scaled per request.
   static b1               ``generate_static`` one request at a time on a subset of
                           ``--static-b1-requests`` (24), dense, scaled per request.
+                          Both static methods give every batch one cache capacity (the
+                          largest any of their batches gets by default; work per step is
+                          the same): with sizes varying per batch, batch 8 on an H100 failed
+                          an 18 GiB cache allocation with 33 GiB free in pieces.
   hf b1                   transformers ``generate`` (SDPA, bf16 at construction, batch 1) on a
                           subset of ``--hf-requests`` (10), in a child process that runs before
                           JAX takes the GPU; skipped when torch/CUDA are missing. Not in the
@@ -389,15 +393,13 @@ def run_engine(model, reqs: list[Request], slots: int, pool_tokens: int | None, 
     return summary("engine", reqs, wall, queue, cc.count, **extra), steady
 
 
-def _static_group_note(model, group: list[Request], phase: str, i: int, n: int) -> str:
+def _static_group_note(model, group: list[Request], phase: str, i: int, n: int, cap: int) -> str:
     """Which static batch failed and what the memory model predicted for it (the prompt bucket,
-    batch bucket and cache capacity ``generate_static`` gives it)."""
+    batch bucket and cache capacity ``cap`` it ran with)."""
     from elastic_jax import engine, memory
-    from elastic_jax.generate import _cache_capacity
 
     cfg, rt = model.config, model.runtime
     T = engine.prompt_bucket_for(max(len(r.prompt) for r in group), rt)
-    cap = _cache_capacity(model, [r.prompt for r in group], [r.max_new_tokens for r in group])
     B = engine.batch_bucket(len(group))
     est = memory.peak_estimate(cfg, rt, T, B, cap)
     return (
@@ -438,9 +440,14 @@ def _compiled_prefill_memory(model, T: int, B: int, cap: int) -> str:
 def run_static(model, reqs: list[Request], batch: int) -> dict:
     """Today's path: ``generate_static`` on consecutive batches of ``batch`` requests. An
     exception leaves with a note naming the batch it came from (``_static_group_note``)."""
-    from elastic_jax.generate import generate_static, generate_static_iter
+    from elastic_jax.generate import _cache_capacity, generate_static, generate_static_iter
 
     groups = [reqs[i : i + batch] for i in range(0, len(reqs), batch)]
+    # One cache size for every batch (the largest any batch gets by default): the allocator
+    # reuses the last batch's blocks (varying sizes fragmented an 80 GB GPU at batch 8).
+    capacity = max(
+        _cache_capacity(model, [r.prompt for r in g], [r.max_new_tokens for r in g]) for g in groups
+    )
     stage = ("warm-up", 0)  # (phase, batch index) for the note
     try:
         t0 = time.perf_counter()
@@ -448,7 +455,7 @@ def run_static(model, reqs: list[Request], batch: int) -> dict:
             stage = ("warm-up", i)
             it = generate_static_iter(
                 model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
-                stop_token_ids=[],
+                stop_token_ids=[], cache_capacity=capacity,
             )  # fmt: skip
             for _ in range(2 * len(g)):
                 if next(it, None) is None:
@@ -464,7 +471,7 @@ def run_static(model, reqs: list[Request], batch: int) -> dict:
                 start = time.perf_counter() - t0
                 res = generate_static(
                     model, [r.prompt for r in g], max_new_tokens=[r.max_new_tokens for r in g],
-                    stop_token_ids=[],
+                    stop_token_ids=[], cache_capacity=capacity,
                 )  # fmt: skip
                 assert [len(t) for t in res.token_ids] == [r.max_new_tokens for r in g]
                 queue += [start] * len(g)
@@ -472,11 +479,11 @@ def run_static(model, reqs: list[Request], batch: int) -> dict:
             wall = time.perf_counter() - t0
     except Exception as e:
         phase, i = stage
-        e.add_note(_static_group_note(model, groups[i], phase, i, len(groups)))
+        e.add_note(_static_group_note(model, groups[i], phase, i, len(groups), capacity))
         raise
     return summary(
         f"static b{batch}", reqs, wall, queue, cc.count,
-        warmup_s=warm_s, prefill_s_total=prefill_s, scaled=True,
+        warmup_s=warm_s, prefill_s_total=prefill_s, scaled=True, cache_capacity=capacity,
     )  # fmt: skip
 
 

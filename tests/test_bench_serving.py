@@ -49,6 +49,9 @@ def test_tiny_run(tmp_path):
     # Every method records its prefill time; the engine's prefill bounds its speedup.
     by = {r["method"]: r for r in saved["rows"]}
     assert all(0 < r["prefill_s_total"] < r["wall_s"] for r in saved["rows"])
+    # The static batches share one cache size, which holds every request of the run.
+    need = max(len(w.prompt) + w.max_new_tokens for w in bs.make_workload(7, 256, 512, 0, 5))
+    assert by["static b8"]["cache_capacity"] >= need
     (key,) = saved["ceilings"]
     assert key == "engine elastic / static b8"
     want = (eng["requests"] / eng["prefill_s_total"]) / (

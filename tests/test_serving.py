@@ -135,6 +135,22 @@ def test_engine_matches_static_dense(tiny_qwen3):
     assert all(t.prefill_ms > 0 for t in res.timings)
 
 
+def test_static_path_fixed_cache_capacity(tiny_qwen3):
+    """A fixed cache capacity (larger than the default bucket) changes no token; one that cannot
+    hold the longest prompt + budget, or exceeds the model's limit, is refused before work."""
+    model = load_model(tiny_qwen3[1], page_size=16)
+    prompts = _prompts(3, [33, 70])
+    want = generate_static(model, prompts, max_new_tokens=[6, 4], stop_token_ids=[]).token_ids
+    got = generate_static(
+        model, prompts, max_new_tokens=[6, 4], stop_token_ids=[], cache_capacity=200
+    ).token_ids
+    assert got == want
+    with pytest.raises(ValueError, match=r"cache_capacity=73: must hold .*\(74\)"):
+        generate_static(model, prompts, max_new_tokens=[6, 4], cache_capacity=73)
+    with pytest.raises(ValueError, match=f"within the model's {model.max_tokens} tokens"):
+        generate_static(model, prompts, max_new_tokens=4, cache_capacity=model.max_tokens + 64)
+
+
 def _engine_matches_alone(engine_model, alone_model, prompts, budgets):
     """Greedy tokens of the engine (2 slots) equal each prompt alone through the static path of
     ``alone_model``, and the first prompt's router modes and sparsity equal the static path's.
