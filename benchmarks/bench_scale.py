@@ -19,6 +19,10 @@ memory is its own: JAX cannot reset ``peak_bytes_in_use``) measures:
     Modes run dense first, so the first row's peak is dense alone. ``--process-per-mode`` runs
     every (length, mode) in its own process instead (exact per-mode peaks, more compile time).
 
+With ``--hf``, HF transformers' prefill (``bench_hf``: SDPA, bf16, median of ``--hf-reps``
+after a warm-up, torch's peak) runs at each length in its own process before ours, until it runs
+out of memory; the table prints its time over our dense path's.
+
 Before each run the memory model's ``check_fits`` is applied: a row that is predicted not to
 fit is recorded as skipped with the numbers (``--no-fit-check`` runs it anyway).
 ``--max-seconds``: no new length starts once the next one is predicted (from the growth of the
@@ -198,6 +202,32 @@ def warmup_for(args, T: int) -> str:
     return "compile" if T >= AOT_FROM_TOKENS else "run"
 
 
+def run_hf_length(args, T: int, timeout: float) -> dict:
+    """HF transformers prefill at T tokens (``bench_hf``: SDPA, bf16, ``logits_to_keep=1``,
+    median of ``--hf-reps`` after a warm-up) in its own process, before JAX takes the device:
+    a row ``{"what": "hf_prefill", ...}`` with seconds and torch's peak, or why there is none."""
+    row: dict = {"what": "hf_prefill", "tokens": T, "batch": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "hf.json")
+        cmd = [sys.executable, "-m", "benchmarks.bench_hf", "--shape", args.shape]
+        cmd += ["--prefill", str(T), "--reps", str(args.hf_reps), "--device", args.hf_device]
+        cmd += ["--out", out]
+        try:
+            proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {**row, "skipped": f"timeout after {timeout:.0f} s"}
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            return {**row, "skipped": f"exit {proc.returncode}: {tail[0]}"}
+        with open(out) as f:
+            data = json.load(f)
+    (got,) = [r for r in data["rows"] if r["what"] == "prefill"]
+    row["hf_meta"] = data["meta"]
+    if got.get("oom"):
+        return {**row, "skipped": "out of memory", "oom": True}
+    return {**row, "s": got["ms"] / 1e3, "peak_gib": got.get("peak_gib"), "reps": args.hf_reps}
+
+
 def _read_rows(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -239,6 +269,7 @@ def drive(args, lengths: list[int], modes: list[str]) -> list[dict]:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     env.setdefault("PYTHONPATH", os.getcwd())
+    hf_oom_at = None  # HF ran out of memory at this length: longer ones are not tried
     with tempfile.TemporaryDirectory() as tmp:
         for T in lengths:
             elapsed = time.perf_counter() - start
@@ -251,6 +282,15 @@ def drive(args, lengths: list[int], modes: list[str]) -> list[dict]:
                 continue
             groups = [[m] for m in modes] if args.process_per_mode else [modes]
             t0 = time.perf_counter()
+            if args.hf:
+                if hf_oom_at is None:
+                    remaining = max(1.0, args.max_seconds - (time.perf_counter() - start))
+                    rows.append(run_hf_length(args, T, remaining))
+                    hf_oom_at = T if rows[-1].get("oom") else None
+                else:
+                    rows.append({"what": "hf_prefill", "tokens": T, "batch": 1,
+                                 "skipped": f"out of memory at {hf_oom_at} tokens"})  # fmt: skip
+                print(rows[-1], flush=True)
             for i, group in enumerate(groups):
                 path = os.path.join(tmp, f"rows_{T}_{i}.jsonl")
                 cmd = _child_cmd(args, T, group, path, decode=i == 0, router=i == 0)
@@ -296,6 +336,17 @@ def print_table(result: dict) -> None:
                   f"{peak:>9} {r['pred_gib']:>9.1f} {r['pred_running_gib']:>9.1f}")  # fmt: skip
         elif r["what"] == "prefill":
             print(f"{r['tokens']:>7} {r['mode']:16} skipped: {r['skipped']}")
+        elif r["what"] == "hf_prefill":
+            if "skipped" in r:
+                print(f"{r['tokens']:>7} {'HF transformers':16} skipped: {r['skipped']}")
+                continue
+            dense = next((d for d in result["rows"] if d["what"] == "prefill"
+                          and d.get("mode") == "dense" and d["tokens"] == r["tokens"]
+                          and "s" in d), None)  # fmt: skip
+            ratio = f"  (HF / ours dense {r['s'] / dense['s']:.2f}x)" if dense else ""
+            peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+            print(f"{r['tokens']:>7} {'HF transformers':16} {r['s']:>10.3f} {1.0:>6.3f} "
+                  f"{peak:>9}{ratio}")  # fmt: skip
         elif r["what"] == "router":
             print(f"{r['tokens']:>7} {'router/layer':16} {r['ms_per_layer']:>8.3f} ms")
         elif r["what"] == "decode":
@@ -329,6 +380,14 @@ def main(argv=None):
     )
     p.add_argument("--decode-steps", type=int, default=10, help="0: no decode rows")
     p.add_argument("--no-router", dest="router", action="store_false")
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="also HF transformers prefill (SDPA) at each length, in its own process first; "
+        "after an out-of-memory, longer lengths are not tried",
+    )
+    p.add_argument("--hf-reps", type=int, default=1)
+    p.add_argument("--hf-device", default="cuda")
     p.add_argument("--no-fit-check", action="store_true")
     p.add_argument("--process-per-mode", action="store_true")
     p.add_argument("--in-process", action="store_true", help="no subprocesses (smoke tests)")
@@ -342,6 +401,8 @@ def main(argv=None):
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         parse_mode(m)  # unknown modes fail here, before any work
+    if args.hf and args.in_process:
+        raise ValueError("--hf runs HF in a child process: not with --in-process")
     if args.child:
         run_length(args, lengths[0], modes, args.rows)
         return None

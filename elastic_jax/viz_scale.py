@@ -2,8 +2,9 @@
 
 ``plot_scale(paths)`` reads one or more bench_scale JSON files (lengths may be split over several
 runs or machines) and returns a pyplot-free figure (``viz.new_figure``) with three log-log
-panels: prefill time per mode against prompt length, with dashed T and T^2 guides; decode step
-time and router time per layer; measured peak memory next to the memory model's prediction.
+panels: prefill time per mode (and HF transformers' where measured) against prompt length, with
+dashed T and T^2 guides; decode step time and router time per layer; measured peak memory next to
+the memory model's prediction (and HF's peak).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from elastic_jax import viz
+
+HF_LABEL = "HF transformers (SDPA)"
 
 
 def load_scale_rows(paths: str | Path | Sequence[str | Path]) -> tuple[list[dict], list[dict]]:
@@ -54,6 +57,7 @@ def plot_scale(paths: str | Path | Sequence[str | Path], *, title: str | None = 
     prefill = _series(rows, "prefill", "s", lambda r: r["mode"])
     if not prefill:
         raise ValueError("no measured prefill rows in the given file(s)")
+    prefill.update(_series(rows, "hf_prefill", "s", lambda r: HF_LABEL))
     small = _series(rows, "decode", "ms", lambda r: "decode step (ms, batch 1)")
     small.update(_series(rows, "router", "ms_per_layer", lambda r: "router per layer (ms)"))
     peak: dict[str, dict[int, float]] = {"measured peak": {}, "memory model": {}}
@@ -64,6 +68,7 @@ def plot_scale(paths: str | Path | Sequence[str | Path], *, title: str | None = 
             pred = r["pred_running_gib"]
             peak["memory model"][t] = max(peak["memory model"].get(t, 0.0), pred)
     peak_series = {k: sorted(v.items()) for k, v in peak.items() if v}
+    peak_series.update(_series(rows, "hf_prefill", "peak_gib", lambda r: HF_LABEL))
 
     fig, axes = viz.new_figure(1, 3, width=15.0, height=4.0)
     colors = viz.color_map(prefill)

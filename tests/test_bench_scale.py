@@ -72,3 +72,51 @@ def test_predict_seconds_and_modes():
         bench_scale.parse_mode("sparse")
     _, rt = bench_scale.parse_mode("syn0.05")
     assert rt.synthetic_kept_fraction == 0.05 and rt.attention_mode == "xattn"
+
+
+@pytest.mark.slow  # ~20 s: a torch child and a JAX child
+def test_scale_benchmark_hf_rows(tmp_path, capsys):
+    """--hf: HF transformers' prefill runs in its own process at each length (here on the CPU),
+    and the table and plot show it beside our dense path."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "scale.json"
+    res = bench_scale.main(
+        ["--shape", "tiny", "--lengths", "256", "--modes", "dense", "--reps", "1",
+         "--decode-steps", "0", "--no-router", "--hf", "--hf-device", "cpu", "--out", str(out)]
+    )  # fmt: skip
+    (hf,) = [r for r in res["rows"] if r["what"] == "hf_prefill"]
+    assert hf["tokens"] == 256 and hf["s"] > 0 and hf["hf_meta"]["attn"] == "sdpa"
+    assert "HF / ours dense" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    from elastic_jax import viz_scale
+
+    fig = viz_scale.plot_scale(out)
+    assert viz_scale.HF_LABEL in [line.get_label() for line in fig.axes[0].get_lines()]
+
+
+def test_scale_hf_out_of_memory_stops_longer_lengths(tmp_path, monkeypatch):
+    """After HF runs out of memory at one length, longer lengths record why and do not start
+    it again; our own children still run at every length."""
+    import sys
+
+    calls, ours = [], []
+
+    def fake_hf(args, T, timeout):
+        calls.append(T)
+        return {"what": "hf_prefill", "tokens": T, "batch": 1, "skipped": "out of memory",
+                "oom": True}  # fmt: skip
+
+    def fake_child(args, T, modes, rows_path, decode, router):
+        ours.append(T)
+        return [sys.executable, "-c", "pass"]
+
+    monkeypatch.setattr(bench_scale, "run_hf_length", fake_hf)
+    monkeypatch.setattr(bench_scale, "_child_cmd", fake_child)
+    res = bench_scale.main(
+        ["--shape", "tiny", "--lengths", "256,512,1024", "--modes", "dense", "--hf"]
+    )
+    assert calls == [256] and ours == [256, 512, 1024]
+    hf = [r for r in res["rows"] if r["what"] == "hf_prefill"]
+    assert [r["skipped"] for r in hf] == ["out of memory"] + ["out of memory at 256 tokens"] * 2
+    with pytest.raises(ValueError, match="--in-process"):
+        bench_scale.main(["--shape", "tiny", "--lengths", "256", "--hf", "--in-process"])
