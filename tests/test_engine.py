@@ -300,6 +300,34 @@ def test_pallas_dense_prefill_in_the_model(tiny_qwen3):
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-4, rtol=2e-4)
 
 
+def test_dense_prefill_kernel_gets_the_lengths(monkeypatch):
+    """The dense kernel path hands the prompt lengths to the kernel (so it skips the query tiles
+    of the bucket padding) and declares the padding's V finite (no zeroing pass)."""
+    from elastic_jax import attention
+    from elastic_jax.config import RuntimeConfig
+    from pallas_kernels.block_sparse_attn import api as bsa
+
+    seen = []
+    real = bsa.block_sparse_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bsa, "block_sparse_attention", spy)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (2, 256, 4, 64), jnp.float32)
+    k, v = (jax.random.normal(key, (2, 256, 2, 64), jnp.float32) for key in keys[1:])
+    lengths = jnp.asarray([200, 77], jnp.int32)
+    out = attention._dense_prefill(q, k, v, lengths, RuntimeConfig(prefill_impl="pallas"))
+    (kw,) = seen
+    assert kw["v_finite_past_length"] is True
+    np.testing.assert_array_equal(np.asarray(kw["kv_lengths"]), [200, 77])
+    want = attention.dense_causal_attention(q, k, v, kv_lengths=lengths)
+    for b, n in enumerate([200, 77]):  # valid rows only: padding rows are not defined
+        np.testing.assert_allclose(out[b, :n], want[b, :n], atol=2e-5, rtol=2e-5)
+
+
 def test_cli_generates(tiny_qwen3, capsys):
     from elastic_jax.cli import main
 

@@ -131,6 +131,7 @@ def block_sparse_attention(
     block_indices: jax.Array | None = None,
     *,
     kv_lengths: jax.Array | None = None,
+    v_finite_past_length: bool = False,
     sink_blocks: int = 1,
     local_blocks: int = 8,
     sm_scale: float | None = None,
@@ -152,7 +153,11 @@ def block_sparse_attention(
       block_counts: [B, H, nQb] int32 kept key blocks per query-block row (mode 1 heads).
       block_indices: [B, H, nQb, nKb] int32 kept key-block indices, ascending, causal (no
         index past the row's diagonal block), padded by repeating the last kept index.
-      kv_lengths: [B] int32 valid keys per sequence (default Tk).
+      kv_lengths: [B] int32 valid keys per sequence (default Tk). Query tiles wholly at or
+        past a sequence's length are skipped (their output rows are 0).
+      v_finite_past_length: the caller guarantees ``v`` is finite past ``kv_lengths`` (e.g. it
+        was computed from pad tokens). Masked keys get weight 0, but the Mosaic kernel's
+        matmul reads them, and 0 x NaN is NaN; with this set it skips the pass that zeroes them.
       sink_blocks, local_blocks: streaming window in key blocks.
       sm_scale: softmax scale (default 1/sqrt(D)).
       return_lse: also return the log-sum-exp [B, H, Tq] f32 (natural log).
@@ -265,7 +270,8 @@ def block_sparse_attention(
             return_lse=return_lse,
             config=config,
             interpret=interpret,
-            zero_v_past_length=lengths_given,  # else every key is valid: skip the V pass
+            # Without lengths every key is valid; finite padding needs no zeroing either.
+            zero_v_past_length=lengths_given and not v_finite_past_length,
         )
         return (out, lse) if return_lse else out
 
