@@ -153,8 +153,8 @@ def block_sparse_attention(
       block_counts: [B, H, nQb] int32 kept key blocks per query-block row (mode 1 heads).
       block_indices: [B, H, nQb, nKb] int32 kept key-block indices, ascending, causal (no
         index past the row's diagonal block), padded by repeating the last kept index.
-      kv_lengths: [B] int32 valid keys per sequence (default Tk). Query tiles wholly at or
-        past a sequence's length are skipped (their output rows are 0).
+      kv_lengths: [B] int32 valid keys per sequence (default Tk). The kernels skip query
+        tiles wholly at or past a sequence's length; output rows past it are not meaningful.
       v_finite_past_length: the caller guarantees ``v`` is finite past ``kv_lengths`` (e.g. it
         was computed from pad tokens). Masked keys get weight 0, but the Mosaic kernel's
         matmul reads them, and 0 x NaN is NaN; with this set it skips the pass that zeroes them.
