@@ -21,10 +21,11 @@ if [ -e "$TABLE" ]; then
 fi
 mkdir -p "$(dirname "$TABLE")"
 
-step() {  # $1: variant name
+step() {  # $1: variant name; the optimized HLO of each step goes to $OUT/hlo_$1 (gzip), so
+  # the profile's fusion names can be read back to the ops they hold
   timeout "${T_EACH:-150}" python3 benchmarks/bench_decode.py --configs "$CONFIGS" --steps 30 \
-    --profile --decode-out-proj pallas --label "gemv-$1" --out "$OUT/decode_gemv_$1.json" 2>&1 \
-    | grep -v "^[WIE]1" | grep -v '^{' | tail -4
+    --profile --decode-out-proj pallas --label "gemv-$1" --dump-hlo "$OUT/hlo_$1" \
+    --out "$OUT/decode_gemv_$1.json" 2>&1 | grep -v "^[WIE]1" | grep -v '^{' | tail -4
 }
 
 step default
