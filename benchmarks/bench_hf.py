@@ -74,6 +74,11 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=20)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--stop-after-oom",
+        action="store_true",
+        help="after a prefill runs out of memory, do not try the longer ones (rows say why)",
+    )
     args = p.parse_args(argv)
     import transformers
 
@@ -82,7 +87,13 @@ def main(argv=None):
     model = build(args.shape, dev)
     V = SHAPES[args.shape]["vocab_size"]
     rows = []
+    oom_at = None  # --stop-after-oom: longer prompts are not tried after this length ran out
     for T in [int(x) for x in args.prefill.split(",") if x]:
+        if oom_at is not None:
+            rows.append({"what": "prefill", "tokens": T, "batch": 1, "ms": None,
+                         "not_run": f"out of memory at {oom_at} tokens"})  # fmt: skip
+            print(rows[-1], flush=True)
+            continue
         ids = torch.randint(0, V, (1, T), device=dev)
         try:
             model(ids, use_cache=True, logits_to_keep=1)  # warm-up
@@ -93,6 +104,7 @@ def main(argv=None):
             rows.append({"what": "prefill", "tokens": T, "batch": 1, "ms": ms, "peak_gib": peak})
         except torch.OutOfMemoryError:
             rows.append({"what": "prefill", "tokens": T, "batch": 1, "ms": None, "oom": True})
+            oom_at = T if args.stop_after_oom else None
         if cuda:
             torch.cuda.empty_cache()
         print(rows[-1], flush=True)

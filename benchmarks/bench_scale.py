@@ -20,8 +20,8 @@ memory is its own: JAX cannot reset ``peak_bytes_in_use``) measures:
     every (length, mode) in its own process instead (exact per-mode peaks, more compile time).
 
 With ``--hf``, HF transformers' prefill (``bench_hf``: SDPA, bf16, median of ``--hf-reps``
-after a warm-up, torch's peak) runs at each length in its own process before ours, until it runs
-out of memory; the table prints its time over our dense path's.
+after a warm-up, torch's peak) runs first, at every length in one process of its own, until it
+runs out of memory; the table prints its time over our dense path's.
 
 Before each run the memory model's ``check_fits`` is applied: a row that is predicted not to
 fit is recorded as skipped with the numbers (``--no-fit-check`` runs it anyway).
@@ -202,30 +202,44 @@ def warmup_for(args, T: int) -> str:
     return "compile" if T >= AOT_FROM_TOKENS else "run"
 
 
-def run_hf_length(args, T: int, timeout: float) -> dict:
-    """HF transformers prefill at T tokens (``bench_hf``: SDPA, bf16, ``logits_to_keep=1``,
+def hf_cmd(args, lengths: list[int], out: str) -> list[str]:
+    """The ``bench_hf`` child: prefill at every length in one process (one import and one
+    model build), longer lengths not tried after an out-of-memory."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_hf", "--shape", args.shape]
+    cmd += ["--prefill", ",".join(map(str, lengths)), "--reps", str(args.hf_reps)]
+    return cmd + ["--device", args.hf_device, "--stop-after-oom", "--out", out]
+
+
+def run_hf(args, lengths: list[int], timeout: float) -> list[dict]:
+    """HF transformers prefill at each length (``bench_hf``: SDPA, bf16, ``logits_to_keep=1``,
     median of ``--hf-reps`` after a warm-up) in its own process, before JAX takes the device:
-    a row ``{"what": "hf_prefill", ...}`` with seconds and torch's peak, or why there is none."""
-    row: dict = {"what": "hf_prefill", "tokens": T, "batch": 1}
+    one row ``{"what": "hf_prefill", ...}`` per length with seconds and torch's peak, or why
+    there is none."""
+    rows = [{"what": "hf_prefill", "tokens": T, "batch": 1} for T in lengths]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "hf.json")
-        cmd = [sys.executable, "-m", "benchmarks.bench_hf", "--shape", args.shape]
-        cmd += ["--prefill", str(T), "--reps", str(args.hf_reps), "--device", args.hf_device]
-        cmd += ["--out", out]
         try:
-            proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+            proc = subprocess.run(
+                hf_cmd(args, lengths, out), timeout=timeout, capture_output=True, text=True
+            )
         except subprocess.TimeoutExpired:
-            return {**row, "skipped": f"timeout after {timeout:.0f} s"}
+            return [{**r, "skipped": f"timeout after {timeout:.0f} s"} for r in rows]
         if proc.returncode != 0 or not os.path.exists(out):
             tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-            return {**row, "skipped": f"exit {proc.returncode}: {tail[0]}"}
+            return [{**r, "skipped": f"exit {proc.returncode}: {tail[0]}"} for r in rows]
         with open(out) as f:
             data = json.load(f)
-    (got,) = [r for r in data["rows"] if r["what"] == "prefill"]
-    row["hf_meta"] = data["meta"]
-    if got.get("oom"):
-        return {**row, "skipped": "out of memory", "oom": True}
-    return {**row, "s": got["ms"] / 1e3, "peak_gib": got.get("peak_gib"), "reps": args.hf_reps}
+    got = {r["tokens"]: r for r in data["rows"] if r["what"] == "prefill"}
+    for row in rows:
+        g = got[row["tokens"]]
+        row["hf_meta"] = data["meta"]
+        if g.get("not_run"):
+            row["skipped"] = g["not_run"]
+        elif g.get("oom"):
+            row.update(skipped="out of memory", oom=True)
+        else:
+            row.update(s=g["ms"] / 1e3, peak_gib=g.get("peak_gib"), reps=args.hf_reps)
+    return rows
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -269,7 +283,10 @@ def drive(args, lengths: list[int], modes: list[str]) -> list[dict]:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     env.setdefault("PYTHONPATH", os.getcwd())
-    hf_oom_at = None  # HF ran out of memory at this length: longer ones are not tried
+    if args.hf:  # first, in one process, while JAX holds nothing
+        for row in run_hf(args, lengths, args.max_seconds):
+            rows.append(row)
+            print(row, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for T in lengths:
             elapsed = time.perf_counter() - start
@@ -282,15 +299,6 @@ def drive(args, lengths: list[int], modes: list[str]) -> list[dict]:
                 continue
             groups = [[m] for m in modes] if args.process_per_mode else [modes]
             t0 = time.perf_counter()
-            if args.hf:
-                if hf_oom_at is None:
-                    remaining = max(1.0, args.max_seconds - (time.perf_counter() - start))
-                    rows.append(run_hf_length(args, T, remaining))
-                    hf_oom_at = T if rows[-1].get("oom") else None
-                else:
-                    rows.append({"what": "hf_prefill", "tokens": T, "batch": 1,
-                                 "skipped": f"out of memory at {hf_oom_at} tokens"})  # fmt: skip
-                print(rows[-1], flush=True)
             for i, group in enumerate(groups):
                 path = os.path.join(tmp, f"rows_{T}_{i}.jsonl")
                 cmd = _child_cmd(args, T, group, path, decode=i == 0, router=i == 0)
@@ -383,7 +391,7 @@ def main(argv=None):
     p.add_argument(
         "--hf",
         action="store_true",
-        help="also HF transformers prefill (SDPA) at each length, in its own process first; "
+        help="also HF transformers prefill (SDPA) at each length, in one process first; "
         "after an out-of-memory, longer lengths are not tried",
     )
     p.add_argument("--hf-reps", type=int, default=1)

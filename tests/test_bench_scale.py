@@ -95,28 +95,37 @@ def test_scale_benchmark_hf_rows(tmp_path, capsys):
 
 
 def test_scale_hf_out_of_memory_stops_longer_lengths(tmp_path, monkeypatch):
-    """After HF runs out of memory at one length, longer lengths record why and do not start
-    it again; our own children still run at every length."""
+    """HF runs once, in one child for every length, before ours; after it runs out of memory
+    at one length, longer lengths record why (``bench_hf --stop-after-oom``, faked here as its
+    output file); our own children still run at every length."""
     import sys
 
-    calls, ours = [], []
+    hf_calls, ours = [], []
+    fake = {"meta": {"attn": "sdpa"}, "rows": [
+        {"what": "prefill", "tokens": 256, "batch": 1, "ms": None, "oom": True},
+        {"what": "prefill", "tokens": 512, "batch": 1, "ms": None,
+         "not_run": "out of memory at 256 tokens"},
+        {"what": "prefill", "tokens": 1024, "batch": 1, "ms": None,
+         "not_run": "out of memory at 256 tokens"},
+    ]}  # fmt: skip
 
-    def fake_hf(args, T, timeout):
-        calls.append(T)
-        return {"what": "hf_prefill", "tokens": T, "batch": 1, "skipped": "out of memory",
-                "oom": True}  # fmt: skip
+    def fake_hf_cmd(args, lengths, out):
+        hf_calls.append(lengths)
+        code = f"import json; json.dump({fake!r}, open({out!r}, 'w'))"
+        return [sys.executable, "-c", code]
 
     def fake_child(args, T, modes, rows_path, decode, router):
         ours.append(T)
         return [sys.executable, "-c", "pass"]
 
-    monkeypatch.setattr(bench_scale, "run_hf_length", fake_hf)
+    monkeypatch.setattr(bench_scale, "hf_cmd", fake_hf_cmd)
     monkeypatch.setattr(bench_scale, "_child_cmd", fake_child)
     res = bench_scale.main(
         ["--shape", "tiny", "--lengths", "256,512,1024", "--modes", "dense", "--hf"]
     )
-    assert calls == [256] and ours == [256, 512, 1024]
+    assert hf_calls == [[256, 512, 1024]] and ours == [256, 512, 1024]
     hf = [r for r in res["rows"] if r["what"] == "hf_prefill"]
     assert [r["skipped"] for r in hf] == ["out of memory"] + ["out of memory at 256 tokens"] * 2
+    assert hf[0]["oom"] is True and hf[0]["hf_meta"] == {"attn": "sdpa"}
     with pytest.raises(ValueError, match="--in-process"):
         bench_scale.main(["--shape", "tiny", "--lengths", "256", "--hf", "--in-process"])
