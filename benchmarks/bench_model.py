@@ -71,12 +71,12 @@ def prefill_caller(
     tokens = jax.random.randint(jax.random.PRNGKey(seed), (1, T), 0, cfg.vocab_size, jnp.int32)
     lengths = jnp.array([T], jnp.int32)
     holder = {"cache": kv_cache.create(cfg, 1, T + 256, page_size=rt.page_size)}
-    step = functools.partial(engine.prefill_step, cfg=cfg, rt=rt)
     if aot:
-        compiled = engine.prefill_step.lower(
+        step = engine.prefill_step.lower(
             params, holder["cache"], tokens, lengths, cfg=cfg, rt=rt
         ).compile()
-        step = compiled
+    else:
+        step = functools.partial(engine.prefill_step, cfg=cfg, rt=rt)
 
     def run():
         logits, holder["cache"], stats = step(params, holder["cache"], tokens, lengths)
