@@ -6,16 +6,45 @@ Keep every version-dependent import or call in this module.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """What kernel dispatch reads about the default device. platform: ``jax.default_backend()``;
+    kind: ``device_kind`` (e.g. ``NVIDIA H100 80GB HBM3``); compute_capability: e.g. ``"9.0"``
+    (None off CUDA); core_count: streaming multiprocessors (None where unknown)."""
+
+    platform: str
+    kind: str
+    compute_capability: str | None = None
+    core_count: int | None = None
+
+
+def device_info() -> DeviceInfo:
+    """The one place kernels and the model look at the device (tests that lower the GPU code on
+    a CPU machine substitute an H100 here: ``tests/test_gpu_lowering.py``)."""
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    return DeviceInfo(
+        platform=jax.default_backend(),
+        kind=dev.device_kind,
+        compute_capability=None if cc is None else str(cc),
+        core_count=getattr(dev, "core_count", None),
+    )
+
+
+def on_gpu() -> bool:
+    return device_info().platform in GPU_PLATFORMS
 
 
 def default_interpret() -> bool:
     """Interpret Pallas kernels unless the default backend is a GPU."""
-    return jax.default_backend() not in ("gpu", "cuda", "rocm")
-
-
-def on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+    return not on_gpu()
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):
@@ -27,7 +56,7 @@ def triton_compiler_params(num_warps: int, num_stages: int):
 
 def device_kind() -> str:
     """Normalised device kind used to name autotune tables, e.g. ``nvidia_h100_80gb_hbm3``."""
-    kind = jax.devices()[0].device_kind
+    kind = device_info().kind
     return "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
 
 

@@ -120,6 +120,7 @@ def _pick_auto(q, block_size: int) -> str:
         "implementation",
         "interpret",
         "config",
+        "v_finite_past_length",
     ),
 )
 def block_sparse_attention(

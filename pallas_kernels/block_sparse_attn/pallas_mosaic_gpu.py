@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _compat
 from pallas_kernels.block_sparse_attn import schedule
 from pallas_kernels.block_sparse_attn.config import MosaicConfig
 
@@ -40,17 +41,17 @@ _COMPUTE_WGS = 2
 
 def _num_sms() -> int:
     """Streaming multiprocessors of the default device (132 on an H100 SXM)."""
-    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    return int(_compat.device_info().core_count or 132)
 
 
 def supported(q: jax.Array, block_size: int) -> bool:
     """Whether ``auto`` may use this kernel for ``q`` [B, Tq, H, D] on the default device."""
-    dev = jax.devices()[0]
-    cc = getattr(dev, "compute_capability", None)
+    dev = _compat.device_info()
+    cc = dev.compute_capability
     return (
-        dev.platform == "gpu"
+        dev.platform in _compat.GPU_PLATFORMS
         and cc is not None
-        and str(cc).startswith("9")
+        and cc.startswith("9")
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and q.shape[-1] in (64, 128)
         and block_size == 128
