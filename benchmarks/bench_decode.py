@@ -39,7 +39,7 @@ import numpy as np
 from benchmarks.bench_model import filled_cache, make_config, median_seconds, time_calls
 from benchmarks.shapes import SHAPES
 from elastic_jax import engine
-from elastic_jax.config import DECODE_OUT_PROJS, ModelConfig, RuntimeConfig
+from elastic_jax.config import DECODE_NORMS, DECODE_OUT_PROJS, ModelConfig, RuntimeConfig
 from elastic_jax.model import resolve_decode_out_proj
 from elastic_jax.params import Params, init_random
 from elastic_jax.sampling import SamplingParams
@@ -320,6 +320,12 @@ def main(argv=None):
         choices=DECODE_OUT_PROJS,
         help="the attention out-projection in decode (RuntimeConfig.decode_out_proj)",
     )
+    p.add_argument(
+        "--decode-norm",
+        default="xla",
+        choices=DECODE_NORMS,
+        help="the residual adds and RMSNorms in decode (RuntimeConfig.decode_norm)",
+    )
     p.add_argument("--dump-hlo", default=None, help="directory: write each step's optimized HLO")
     p.add_argument("--label", default="", help="free text stored with the rows (e.g. XLA flags)")
     p.add_argument("--out", default=None)
@@ -335,7 +341,10 @@ def main(argv=None):
         flush=True,
     )
     rt = RuntimeConfig(
-        attention_mode="dense", decode_impl=args.decode_impl, decode_out_proj=args.decode_out_proj
+        attention_mode="dense",
+        decode_impl=args.decode_impl,
+        decode_out_proj=args.decode_out_proj,
+        decode_norm=args.decode_norm,
     )
     rows, gemv, params_for = [], {}, {}
     for shape, batch, context in parse_configs(args.configs):
@@ -359,6 +368,7 @@ def main(argv=None):
             "ideal_ms": ideal_ms,
             "label": args.label,
             "decode_out_proj": resolve_decode_out_proj(rt, cfg),
+            "decode_norm": rt.decode_norm,
         }
         try:
             sec, run = time_jit_step(params, cfg, rt, batch, context, args.steps)
@@ -406,6 +416,7 @@ def main(argv=None):
         "steps": args.steps,
         "label": args.label,
         "decode_out_proj": args.decode_out_proj,  # as asked; each row has it resolved
+        "decode_norm": args.decode_norm,
     }
     print(
         f"\n{meta['device']}  jax {meta['jax']}  copy {meta['copy_bw_tb_s']:.3f} TB/s  {args.label}"

@@ -355,6 +355,7 @@ ATTENTION_MODES = ("elastic", "dense", "streaming", "xattn")
 PREFILL_IMPLS = ("auto", "reference", "pallas", "triton", "cudnn", "xla")
 DECODE_IMPLS = ("auto", "reference", "pallas")
 DECODE_OUT_PROJS = ("auto", "xla", "pallas")
+DECODE_NORMS = ("xla", "pallas")
 
 
 @jax.tree_util.register_static
@@ -377,6 +378,12 @@ class RuntimeConfig:
       stacked weight in place; one device only; interpret mode on CPU).
       H100, Qwen3-4B at 32K: "pallas" takes the step from 6.29 to 5.78 ms at batch 1 and from
       17.32 to 16.62 ms at batch 8 (BENCHMARKS.md).
+    decode_norm: the decode step's residual adds and RMSNorms: "xla" (jnp, fused by XLA: about
+      eight small kernels a layer in the H100 profile) or "pallas"
+      (``pallas_kernels.decode_norm.add_rms_norm``: each add + norm in one kernel, two a layer,
+      taking the out-projection GEMV's split partials unsummed when ``decode_out_proj`` is
+      "pallas", and writing the batch-1 QKV input's zero row itself; one device only; interpret
+      mode on CPU). Not yet timed on a GPU, hence not the default.
     decode_num_splits: parts the Pallas paged decode kernel cuts each sequence's pages into
       (flash-decoding; ``PagedDecodeConfig.num_splits``), or None for the autotune table / the
       heuristic, which assume every row at the cache's full length. A ragged batch wants more:
@@ -409,6 +416,7 @@ class RuntimeConfig:
     prefill_impl: str = "auto"
     decode_impl: str = "auto"
     decode_out_proj: str = "auto"
+    decode_norm: str = "xla"
     decode_num_splits: int | None = None
     prefill_chunk: int = 8192
     prompt_bucket_steps: int = 1
@@ -424,6 +432,7 @@ class RuntimeConfig:
             ("prefill_impl", PREFILL_IMPLS),
             ("decode_impl", DECODE_IMPLS),
             ("decode_out_proj", DECODE_OUT_PROJS),
+            ("decode_norm", DECODE_NORMS),
             ("xattn_sink_rule", ("official", "always")),
         )
         for name, allowed in checks:

@@ -27,6 +27,7 @@ from elastic_jax.layers import apply_rope, residual_in_chunks, rms_norm, rope_co
 from elastic_jax.params import LayerParams, Params
 from elastic_jax.router import route
 from pallas_kernels import _compat, gemv
+from pallas_kernels.decode_norm import add_rms_norm
 
 
 def _rope_tables(positions: jax.Array, cfg: ModelConfig):
@@ -140,7 +141,11 @@ def layer_prefill(
 
 def final_logits(h: jax.Array, params: Params, cfg: ModelConfig) -> jax.Array:
     """h: [..., E] -> float32 logits [..., V]."""
-    x = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    return _lm_head(rms_norm(h, params.final_norm, cfg.rms_norm_eps), params)
+
+
+def _lm_head(x: jax.Array, params: Params) -> jax.Array:
+    """x: [..., E] after the final norm -> float32 logits [..., V]."""
     w = params.embed.T if params.lm_head is None else params.lm_head
     return jnp.einsum("...e,ev->...v", x, w, preferred_element_type=jnp.float32)
 
@@ -208,6 +213,15 @@ def prefill(
     return logits, new_cache, stats
 
 
+def _decode_qkv_rows(x: jax.Array, batch: int, lp: LayerParams, cfg: ModelConfig):
+    """``_decode_qkv`` on an input the fused norm already padded: x [R, E] with R = 2 rows
+    (second zero) when ``batch`` is 1, else R = batch -> q [B, 1, H, D], k, v [B, 1, K, D]."""
+    if x.shape[0] == batch:
+        return project_qkv(x[:, None], lp, cfg)
+    q, k, v = jax.lax.optimization_barrier(project_qkv(x[:, None], lp, cfg))
+    return q[:batch], k[:batch], v[:batch]
+
+
 def _decode_qkv(x: jax.Array, lp: LayerParams, cfg: ModelConfig):
     """``project_qkv`` for decode. x: [B, 1, E] -> q [B, 1, H, D], k, v [B, 1, K, D].
 
@@ -254,6 +268,20 @@ def _decode_out_proj_in_place(
     return y.astype(o.dtype)
 
 
+def _decode_out_proj_partials(o: jax.Array, layers: LayerParams, layer: int) -> jax.Array:
+    """The Pallas out-projection's float32 K-split partials [S, B, E], left for
+    ``add_rms_norm`` to sum (no separate XLA reduction)."""
+    L, H, D, E = layers.wo.shape
+    w = layers.wo.reshape(L, H * D, E)
+    return gemv.stacked_gemv(o.reshape(o.shape[0], H * D), w, layer, partials=True)
+
+
+def _mlp_update(x: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
+    """The MLP's residual update of a normed x [B, E] -> [B, E]."""
+    biases = (lp.gate_bias, lp.up_bias, lp.down_bias) if cfg.mlp_bias else None
+    return swiglu_mlp(x[:, None], lp.w_gate, lp.w_up, lp.w_down, biases=biases)[:, 0]
+
+
 def decode(
     params: Params, cache: kv_cache.KVCache, tokens: jax.Array, cfg: ModelConfig, rt: RuntimeConfig
 ):
@@ -264,18 +292,35 @@ def decode(
     scanned: inside a while loop XLA copied the whole cache (loop state) every step, which cost
     1.6x in decode time at 64K context on an H100. The cache is only read per layer; every
     layer's new K/V is written in one scatter at the end (in place: the jitted step donates it).
+    With ``rt.decode_norm == "pallas"`` each residual add + RMSNorm is one kernel and a layer
+    ends with the next layer's input norm (the last with the final norm).
     """
     out_proj = resolve_decode_out_proj(rt, cfg)
+    fused = rt.decode_norm == "pallas"
+    if fused and sharding.context_mesh() is not None:
+        raise ValueError(
+            'decode_norm="pallas" runs on one device; use decode_norm="xla" with a mesh'
+        )
     pos = cache.lengths[:, None]  # [B, 1]
     cos, sin = _rope_tables(pos, cfg)
     pages, slots = kv_cache.token_slots(cache, pos)
     h = _embed(params, tokens[:, None])
+    B, L = tokens.shape[0], cfg.num_layers
+    # Fused norms: h is [B, E] and each add + norm one kernel; x comes out with the batch-1 QKV
+    # projection's zero row already in place (see _decode_qkv).
+    norm = functools.partial(add_rms_norm, eps=cfg.rms_norm_eps, implementation="pallas")
+    qkv_rows = 2 if B == 1 else B
+    if fused:
+        h, x = norm(h[:, 0], params.layers.attn_norm[0], out_rows=qkv_rows)
     ks, vs = [], []
-    for layer in range(cfg.num_layers):
+    for layer in range(L):
         lp = jax.tree.map(lambda x, layer=layer: x[layer], params.layers)
         with jax.named_scope(f"layer_{layer}"):
-            x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
-            q, k, v = _decode_qkv(x, lp, cfg)
+            if fused:
+                q, k, v = _decode_qkv_rows(x, B, lp, cfg)
+            else:
+                x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
+                q, k, v = _decode_qkv(x, lp, cfg)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k, v = sharding.replicate_kv_heads(k, v)  # under a mesh with K < model axis only
             o = attn.decode_attention(
@@ -289,18 +334,32 @@ def decode(
                 cache.lengths,
                 rt,
             )
-            if out_proj == "pallas":
-                h = h + _decode_out_proj_in_place(o, params.layers, layer, cfg)[:, None]
+            if fused:
+                if out_proj == "pallas":
+                    bias = params.layers.o_bias[layer] if cfg.attention_bias else None
+                    parts = _decode_out_proj_partials(o, params.layers, layer)
+                    h, x = norm(h, lp.mlp_norm, partials=parts, bias=bias)
+                else:
+                    h, x = norm(h, lp.mlp_norm, residual=_attn_out(o, lp, cfg))
+                last = layer + 1 == L
+                nxt = params.final_norm if last else params.layers.attn_norm[layer + 1]
+                h, x = norm(
+                    h, nxt, residual=_mlp_update(x, lp, cfg), out_rows=B if last else qkv_rows
+                )
             else:
-                h = h + _attn_out(o, lp, cfg)[:, None]
-            h = sharding.constrain(_mlp_block(h, lp, cfg), sharding.HIDDEN)
+                if out_proj == "pallas":
+                    h = h + _decode_out_proj_in_place(o, params.layers, layer, cfg)[:, None]
+                else:
+                    h = h + _attn_out(o, lp, cfg)[:, None]
+                h = sharding.constrain(_mlp_block(h, lp, cfg), sharding.HIDDEN)
         ks.append(k)
         vs.append(v)
     with jax.named_scope("cache_write"):
         ck, cv = kv_cache.write_all_layers(
             cache.k, cache.v, pages, slots, jnp.stack(ks), jnp.stack(vs)
         )
-    logits = final_logits(h[:, 0], params, cfg)
+    # Fused: x is already the final norm of h.
+    logits = _lm_head(x, params) if fused else final_logits(h[:, 0], params, cfg)
     return logits, sharding.constrain_cache(
         kv_cache.KVCache(k=ck, v=cv, page_table=cache.page_table, lengths=cache.lengths + 1)
     )

@@ -68,3 +68,14 @@ def test_pallas_out_projection_and_gemv_table(tmp_path):
     assert saved["meta"]["decode_out_proj"] == "pallas" and saved["rows"][0]["jit_ms"] > 0
     names = [r["matrix"] for r in saved["gemv"]["tiny:2"]]
     assert "wo (pallas stacked_gemv)" in names and "w_down (pallas stacked_gemv)" in names
+
+
+def test_fused_decode_norm_rows(tmp_path):
+    out = tmp_path / "decode.json"
+    bench_decode.main(
+        ["--configs", "tiny:1:64", "--steps", "1", "--decode-out-proj", "pallas",
+         "--decode-norm", "pallas", "--out", str(out)]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["decode_norm"] == "pallas"
+    assert saved["rows"][0]["decode_norm"] == "pallas" and saved["rows"][0]["jit_ms"] > 0

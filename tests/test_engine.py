@@ -407,3 +407,43 @@ def test_decode_out_projection_auto_is_xla_off_gpu(tiny_qwen3):
     assert resolve_decode_out_proj(RuntimeConfig(decode_impl="reference"), cfg) == "xla"
     with pytest.raises(ValueError, match="decode_out_proj"):
         RuntimeConfig(decode_out_proj="cublas")
+
+
+@pytest.mark.parametrize(
+    "family,out_proj",
+    [("qwen3", "xla"), ("qwen3", "pallas"), ("llama-biases", "pallas")],
+)
+def test_fused_decode_norm_in_the_model(tiny_checkpoints, family, out_proj):
+    """decode_norm="pallas" (residual add + RMSNorm kernels, interpret mode on CPU; with the
+    Pallas out-projection they sum its split partials, plus o_proj's bias for Llama) gives the
+    XLA norms' decode logits and cache, at batch 1 (the two-row QKV input) and on a ragged
+    batch of 2."""
+    if family == "llama-biases":
+        ckpt = tiny_checkpoints(family="llama", attention_bias=True, mlp_bias=True)
+    else:
+        ckpt = tiny_checkpoints()
+    base = load_model(ckpt[1], page_size=16, decode_impl="reference")
+    base = base.with_runtime(decode_out_proj=out_proj)
+    fused = base.with_runtime(decode_norm="pallas")
+    cfg = base.config
+    rng = np.random.default_rng(7)
+    for lengths in ([32], [32, 17]):
+        B = len(lengths)
+        cache = kv_cache.create(cfg, B, 64, page_size=16)
+        tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (B, 32)), jnp.int32)
+        _, cache, _ = engine.prefill_step(
+            base.params, cache, tokens, jnp.asarray(lengths, jnp.int32), cfg, base.runtime
+        )
+        nxt = jnp.asarray(rng.integers(3, cfg.vocab_size, (B,)), jnp.int32)
+        want, want_cache = decode(base.params, cache, nxt, cfg, base.runtime)
+        got, got_cache = decode(fused.params, cache, nxt, cfg, fused.runtime)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(got_cache.k), np.asarray(want_cache.k), atol=1e-5, rtol=1e-5
+        )
+        assert np.argmax(np.asarray(got), -1).tolist() == np.argmax(np.asarray(want), -1).tolist()
+
+
+def test_fused_decode_norm_is_validated():
+    with pytest.raises(ValueError, match="decode_norm"):
+        RuntimeConfig(decode_norm="triton")

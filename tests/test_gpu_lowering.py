@@ -352,6 +352,15 @@ def test_static_decode_step_kernels(fake_gpu, batch):
     assert static_decode_kernels(batch) == {"paged_decode_attention", "stacked_gemv"}
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_step_with_fused_norms(fake_gpu, batch):
+    """``decode_norm="pallas"``: the residual adds and norms become ``add_rms_norm`` kernels
+    beside the paged kernel and the GEMV (whose partials they sum)."""
+    fake_gpu()
+    want = {"paged_decode_attention", "stacked_gemv", "add_rms_norm"}
+    assert static_decode_kernels(batch, decode_norm="pallas") == want
+
+
 def test_decode_step_xla_out_proj_and_reference_attention(fake_gpu):
     """The runtime switches: XLA's dot for the out-projection, then jnp attention as well."""
     fake_gpu()

@@ -106,13 +106,17 @@ def stacked_gemv(
     config: GemvConfig | None = None,
     implementation: str = "pallas",
     interpret: bool | None = None,
+    partials: bool = False,
 ) -> jax.Array:
     """x: [B, K], w: [L, K, N] (stacked per-layer weights), layer: static int -> float32 [B, N]
     = x @ w[layer], reading w[layer] in place. implementation: "pallas" or "reference".
     config: default: this GPU's autotune table entry for (B, K, N, dtype), else
-    ``default_config``."""
+    ``default_config``. partials: return the K splits' float32 partials [S, B, N] unsummed
+    (for a consumer that sums them itself, ``decode_norm.add_rms_norm``); the reference
+    returns its one "split" [1, B, N]."""
     if implementation == "reference":
-        return stacked_gemv_reference(x, w, layer)
+        out = stacked_gemv_reference(x, w, layer)
+        return out[None] if partials else out
     if implementation != "pallas":
         raise ValueError(f"implementation={implementation!r}; allowed: ('pallas', 'reference')")
     cfg = config
@@ -133,4 +137,4 @@ def stacked_gemv(
         rows_in_kernel=cfg.rows_in_kernel,
         interpret=_compat.default_interpret() if interpret is None else interpret,
     )
-    return jnp.sum(parts, axis=0)
+    return parts if partials else jnp.sum(parts, axis=0)

@@ -1,0 +1,99 @@
+"""``pallas_kernels.decode_norm.add_rms_norm``: the Pallas kernel (interpret mode on CPU, the
+real one under ``-m gpu``) against the jnp reference, and its input checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode_norm import add_rms_norm, add_rms_norm_reference
+from pallas_kernels.decode_norm.pallas_triton import row_chunk
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _inputs(B, E, S, dtype, seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 5)
+    return dict(
+        h=(3.0 * jax.random.normal(k[0], (B, E))).astype(dtype),
+        weight=(1.0 + 0.2 * jax.random.normal(k[1], (E,))).astype(dtype),
+        partials=jax.random.normal(k[2], (S, B, E), jnp.float32),
+        residual=jax.random.normal(k[3], (B, E)).astype(dtype),
+        bias=jax.random.normal(k[4], (E,)).astype(dtype),
+    )
+
+
+UPDATES = {
+    "partials": ("partials",),
+    "partials+bias": ("partials", "bias"),
+    "residual": ("residual",),
+    "none": (),
+}
+
+
+def _check(B, E, S, dtype, update, out_rows, interpret):
+    x = _inputs(B, E, S, dtype)
+    kw = {name: x[name] for name in UPDATES[update]}
+    got_h, got_x = add_rms_norm(
+        x["h"], x["weight"], eps=1e-6, out_rows=out_rows, implementation="pallas",
+        interpret=interpret, **kw,
+    )  # fmt: skip
+    want_h, want_x = add_rms_norm_reference(x["h"], x["weight"], eps=1e-6, out_rows=out_rows, **kw)
+    assert got_h.shape == (B, E) and got_x.shape == (out_rows or B, E)
+    assert got_h.dtype == got_x.dtype == dtype
+    # float32 sums in another order: equal up to one rounding of the output dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2**-7
+    for got, want in ((got_h, want_h), (got_x, want_x)):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+        )
+    if out_rows and out_rows > B:
+        assert not np.any(np.asarray(got_x[B:], np.float32)), "padding rows must be zero"
+    # the update really went in: h_new differs from h wherever an update was given
+    if update != "none":
+        assert not np.allclose(np.asarray(got_h, np.float32), np.asarray(x["h"], np.float32))
+
+
+@pytest.mark.parametrize("update", list(UPDATES))
+@pytest.mark.parametrize(
+    "B,E,S,out_rows",
+    [(1, 2560, 8, 2), (3, 64, 1, None), (2, 96, 5, 4)],
+    ids=["b1-qwen3-4b-width-two-rows", "b3", "b2-odd-splits-four-rows"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_add_rms_norm_matches_reference(B, E, S, out_rows, update, dtype):
+    _check(B, E, S, dtype, update, out_rows, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("update", list(UPDATES))
+@pytest.mark.parametrize("B,E,S,out_rows", [(1, 2560, 16, 2), (8, 4096, 8, None)])
+def test_add_rms_norm_gpu(B, E, S, out_rows, update):
+    _check(B, E, S, jnp.bfloat16, update, out_rows, interpret=False)
+
+
+def test_row_chunk_is_a_power_of_two_dividing_e():
+    assert [row_chunk(e) for e in (2560, 4096, 5120, 64, 96, 48)] == [512, 1024, 1024, 64, 32, 16]
+
+
+def test_add_rms_norm_rejects_bad_input():
+    x = _inputs(2, 64, 3, jnp.float32)
+    h, w = x["h"], x["weight"]
+    cases = [
+        (dict(partials=x["partials"], residual=x["residual"]), "not both"),
+        (dict(partials=x["partials"][:, :1]), "partials must be"),
+        (dict(residual=x["residual"][:, :32]), "residual must be"),
+        (dict(residual=x["residual"], bias=x["bias"]), "bias"),
+        (dict(out_rows=1), "out_rows"),
+        (dict(implementation="cuda"), "implementation"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            add_rms_norm(h, w, eps=1e-6, **kwargs)
+    with pytest.raises(ValueError, match="weight must be"):
+        add_rms_norm(h, w[:32], eps=1e-6)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        add_rms_norm(h[:, :40], w[:40], eps=1e-6)
