@@ -401,6 +401,59 @@ def test_engine_steps_kernels(fake_gpu, mode):
     assert kernel_names(decode) == {"paged_decode_attention", "stacked_gemv"}
 
 
+@pytest.mark.parametrize(
+    "mode,T,rt,want",
+    [
+        ("streaming", 4096, {}, {MOSAIC}),
+        ("xattn", 4096, {}, {MOSAIC, "xattn_score", "xattn_select"}),
+        (
+            "elastic",
+            4096,
+            {"synthetic_kept_fraction": 0.05},
+            {MOSAIC, "xattn_score", "xattn_select"},
+        ),
+        ("elastic", 12288, {"prompt_bucket_steps": 8}, {MOSAIC, "xattn_score", "xattn_select"}),
+        ("elastic", 4096, {"collect_stats": False}, {MOSAIC, "xattn_score", "xattn_select"}),
+    ],
+    ids=["forced-streaming", "forced-xattn", "synthetic-density", "bucket-12k", "no-stats"],
+)
+def test_prefill_variants_lower(fake_gpu, mode, T, rt, want):
+    """Forced head modes (the paper's baselines), the benchmarks' synthetic density, a bucket
+    that is not a power of two (``prompt_bucket_steps``) and stats off all lower on Hopper."""
+    fake_gpu()
+    assert static_prefill_kernels(mode, batch=1, T=T, **rt) == want
+
+
+def test_pawllama_steps_lower(fake_gpu):
+    """PawLlama at the Llama-3.1-8B shape (no q/k norm, llama3 RoPE scaling): elastic prefill
+    and decode (fused norms too) lower with the same kernels as PawQwen3."""
+    from benchmarks.bench_llama import SETTINGS, make_llama_config
+
+    fake_gpu()
+    cfg = dataclasses.replace(make_llama_config("llama8b", next(iter(SETTINGS))), num_layers=2)
+    params = params_lib.abstract(cfg)
+    T = 8192
+    cache = _cache(cfg, 1, T // PAGE)
+    rt = RuntimeConfig(attention_mode="elastic")
+    prefill = lower_for_cuda(
+        lambda p, c, t, n: engine.prefill_step(p, c, t, n, cfg, rt),
+        params,
+        cache,
+        sds((1, T), jnp.int32),
+        sds((1,), jnp.int32),
+    )
+    assert kernel_names(prefill) == {MOSAIC, "xattn_score", "xattn_select"}
+    for norm, extra in (("xla", set()), ("pallas", {"add_rms_norm"})):
+        rtd = RuntimeConfig(decode_norm=norm)
+        decode = lower_for_cuda(
+            lambda p, c, t: engine.decode_step(p, c, t, cfg, rtd),
+            params,
+            cache,
+            sds((1,), jnp.int32),
+        )
+        assert kernel_names(decode) == {"paged_decode_attention", "stacked_gemv"} | extra
+
+
 def test_long_context_prefill_lowers_8b_512k(fake_gpu):
     """A 512K-token elastic prefill of the 8B shape (issue 19's longest prompt) lowers: every
     kernel's grid and index math at that size."""
