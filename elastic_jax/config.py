@@ -382,8 +382,9 @@ class RuntimeConfig:
       eight small kernels a layer in the H100 profile) or "pallas"
       (``pallas_kernels.decode_norm.add_rms_norm``: each add + norm in one kernel, two a layer,
       taking the out-projection GEMV's split partials unsummed when ``decode_out_proj`` is
-      "pallas", and writing the batch-1 QKV input's zero row itself; one device only; interpret
-      mode on CPU). Not yet timed on a GPU, hence not the default.
+      "pallas", and writing the batch-1 QKV input's zero row itself; plus
+      ``decode_norm.qk_norm_rope``: the q/k norms and RoPE in one kernel; one device only;
+      interpret mode on CPU). Not yet timed on a GPU, hence not the default.
     decode_num_splits: parts the Pallas paged decode kernel cuts each sequence's pages into
       (flash-decoding; ``PagedDecodeConfig.num_splits``), or None for the autotune table / the
       heuristic, which assume every row at the cache's full length. A ragged batch wants more:

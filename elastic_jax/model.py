@@ -27,7 +27,7 @@ from elastic_jax.layers import apply_rope, residual_in_chunks, rms_norm, rope_co
 from elastic_jax.params import LayerParams, Params
 from elastic_jax.router import route
 from pallas_kernels import _compat, gemv
-from pallas_kernels.decode_norm import add_rms_norm
+from pallas_kernels.decode_norm import add_rms_norm, qk_norm_rope
 
 
 def _rope_tables(positions: jax.Array, cfg: ModelConfig):
@@ -42,13 +42,19 @@ def project_qkv(x: jax.Array, lp: LayerParams, cfg: ModelConfig):
     q/k RMSNorm (``cfg.qk_norm``, Qwen3). The returned k is what the elastic router pools: after
     k_norm (Qwen3) or straight from k_proj (Llama), before RoPE in both cases.
     """
+    q, k, v = _qkv_dots(x, lp, cfg)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, lp.q_norm, cfg.rms_norm_eps), rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
+    return q, k, v
+
+
+def _qkv_dots(x: jax.Array, lp: LayerParams, cfg: ModelConfig):
+    """The q/k/v projections (and their biases) of ``project_qkv``, before any norm."""
     q = jnp.einsum("bte,ehd->bthd", x, lp.wq)
     k = jnp.einsum("bte,ekd->btkd", x, lp.wk)
     v = jnp.einsum("bte,ekd->btkd", x, lp.wv)
     if cfg.attention_bias:
         q, k, v = q + lp.q_bias, k + lp.k_bias, v + lp.v_bias
-    if cfg.qk_norm:
-        q, k = rms_norm(q, lp.q_norm, cfg.rms_norm_eps), rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
     return q, k, v
 
 
@@ -213,13 +219,25 @@ def prefill(
     return logits, new_cache, stats
 
 
-def _decode_qkv_rows(x: jax.Array, batch: int, lp: LayerParams, cfg: ModelConfig):
-    """``_decode_qkv`` on an input the fused norm already padded: x [R, E] with R = 2 rows
-    (second zero) when ``batch`` is 1, else R = batch -> q [B, 1, H, D], k, v [B, 1, K, D]."""
-    if x.shape[0] == batch:
-        return project_qkv(x[:, None], lp, cfg)
-    q, k, v = jax.lax.optimization_barrier(project_qkv(x[:, None], lp, cfg))
-    return q[:batch], k[:batch], v[:batch]
+def _decode_qkv_fused(
+    x: jax.Array, batch: int, lp: LayerParams, cfg: ModelConfig, cos: jax.Array, sin: jax.Array
+):
+    """The fused decode path's q/k/v (``rt.decode_norm == "pallas"``), post-RoPE.
+
+    x: [R, E] from ``add_rms_norm``, R = 2 rows (second zero) when ``batch`` is 1 (see
+    ``_decode_qkv``), else R = batch; cos, sin: [B, 1, D]. The q/k norms and RoPE run in one
+    ``qk_norm_rope`` kernel that reads only the first ``batch`` rows of the projections, so the
+    padding row is never sliced off q and k. Returns q [B, H, D], k, v [B, K, D]."""
+    qkv = _qkv_dots(x[:, None], lp, cfg)
+    if x.shape[0] != batch:
+        qkv = jax.lax.optimization_barrier(qkv)
+    q, k, v = (t[:, 0] for t in qkv)
+    norm_w = dict(q_weight=lp.q_norm, k_weight=lp.k_norm) if cfg.qk_norm else {}
+    q, k = qk_norm_rope(
+        q, k, cos[:, 0], sin[:, 0], batch=batch, eps=cfg.rms_norm_eps, implementation="pallas",
+        **norm_w,
+    )  # fmt: skip
+    return q, k, v[:batch]
 
 
 def _decode_qkv(x: jax.Array, lp: LayerParams, cfg: ModelConfig):
@@ -292,8 +310,9 @@ def decode(
     scanned: inside a while loop XLA copied the whole cache (loop state) every step, which cost
     1.6x in decode time at 64K context on an H100. The cache is only read per layer; every
     layer's new K/V is written in one scatter at the end (in place: the jitted step donates it).
-    With ``rt.decode_norm == "pallas"`` each residual add + RMSNorm is one kernel and a layer
-    ends with the next layer's input norm (the last with the final norm).
+    With ``rt.decode_norm == "pallas"`` each residual add + RMSNorm is one kernel, a layer ends
+    with the next layer's input norm (the last with the final norm), and the q/k norms and RoPE
+    are one more kernel.
     """
     out_proj = resolve_decode_out_proj(rt, cfg)
     fused = rt.decode_norm == "pallas"
@@ -317,11 +336,11 @@ def decode(
         lp = jax.tree.map(lambda x, layer=layer: x[layer], params.layers)
         with jax.named_scope(f"layer_{layer}"):
             if fused:
-                q, k, v = _decode_qkv_rows(x, B, lp, cfg)
+                q, k, v = (t[:, None] for t in _decode_qkv_fused(x, B, lp, cfg, cos, sin))
             else:
                 x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
                 q, k, v = _decode_qkv(x, lp, cfg)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k, v = sharding.replicate_kv_heads(k, v)  # under a mesh with K < model axis only
             o = attn.decode_attention(
                 q[:, 0],

@@ -355,9 +355,10 @@ def test_static_decode_step_kernels(fake_gpu, batch):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_decode_step_with_fused_norms(fake_gpu, batch):
     """``decode_norm="pallas"``: the residual adds and norms become ``add_rms_norm`` kernels
-    beside the paged kernel and the GEMV (whose partials they sum)."""
+    beside the paged kernel and the GEMV (whose partials they sum), the q/k norms and RoPE a
+    ``qk_norm_rope`` kernel."""
     fake_gpu()
-    want = {"paged_decode_attention", "stacked_gemv", "add_rms_norm"}
+    want = {"paged_decode_attention", "stacked_gemv", "add_rms_norm", "qk_norm_rope"}
     assert static_decode_kernels(batch, decode_norm="pallas") == want
 
 
@@ -443,10 +444,10 @@ def test_pawllama_steps_lower(fake_gpu):
         sds((1,), jnp.int32),
     )
     assert kernel_names(prefill) == {MOSAIC, "xattn_score", "xattn_select"}
-    for norm, extra in (("xla", set()), ("pallas", {"add_rms_norm"})):
+    for norm, extra in (("xla", set()), ("pallas", {"add_rms_norm", "qk_norm_rope"})):
         rtd = RuntimeConfig(decode_norm=norm)
         decode = lower_for_cuda(
-            lambda p, c, t: engine.decode_step(p, c, t, cfg, rtd),
+            lambda p, c, t, rtd=rtd: engine.decode_step(p, c, t, cfg, rtd),
             params,
             cache,
             sds((1,), jnp.int32),

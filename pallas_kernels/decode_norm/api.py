@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import _compat
 from pallas_kernels.decode_norm.pallas_triton import add_rms_norm_pallas
-from pallas_kernels.decode_norm.reference import add_rms_norm_reference
+from pallas_kernels.decode_norm.qk_rope import qk_norm_rope_pallas
+from pallas_kernels.decode_norm.reference import add_rms_norm_reference, qk_norm_rope_reference
 
 IMPLEMENTATIONS = ("auto", "pallas", "reference")
 
@@ -82,6 +83,76 @@ def add_rms_norm(
         bias,
         eps=float(eps),
         out_rows=h.shape[0] if out_rows is None else out_rows,
+        num_warps=num_warps,
+        interpret=_compat.default_interpret() if interpret is None else interpret,
+    )
+
+
+def qk_norm_rope(
+    q: jax.Array,
+    k: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    *,
+    batch: int | None = None,
+    q_weight: jax.Array | None = None,
+    k_weight: jax.Array | None = None,
+    eps: float = 1e-6,
+    num_warps: int = 1,
+    implementation: str = "auto",
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-head q/k RMSNorm (optional) then rotate-half RoPE of one decode token, one kernel.
+
+    Args:
+      q: [R, H, D]; k: [R, K, D] (R >= batch: rows past ``batch``, e.g. the batch-1 QKV
+        padding row, are not read).
+      cos, sin: [batch, D] RoPE tables of each sequence's position.
+      batch: sequences (default R).
+      q_weight, k_weight: [D] norm weights (both or neither; neither: RoPE only).
+      eps: RMSNorm epsilon.
+      implementation: "auto" (Pallas on GPU, reference elsewhere), "pallas" or "reference".
+
+    Returns:
+      (q [batch, H, D], k [batch, K, D]) in q.dtype; see ``qk_norm_rope_reference``.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; allowed: {IMPLEMENTATIONS}")
+    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"qk_norm_rope: q must be [R, H, D] and k [R, K, D]; got {q.shape}, {k.shape}"
+        )
+    R, _, D = q.shape
+    batch = R if batch is None else batch
+    if not isinstance(batch, int) or not 1 <= batch <= R:
+        raise ValueError(f"qk_norm_rope: batch={batch!r} must be an int in [1, R={R}]")
+    if D % 2 or (D // 2) & (D // 2 - 1):
+        raise ValueError(f"qk_norm_rope: head dim D={D} must be twice a power of two")
+    if cos.shape != (batch, D) or sin.shape != (batch, D):
+        raise ValueError(
+            f"qk_norm_rope: cos and sin must be [batch={batch}, D={D}]; got {cos.shape}, {sin.shape}"
+        )
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qk_norm_rope: give q_weight and k_weight together (or neither)")
+    if q_weight is not None and (q_weight.shape != (D,) or k_weight.shape != (D,)):
+        raise ValueError(f"qk_norm_rope: q_weight, k_weight must be [D={D}]")
+    if k.dtype != q.dtype:
+        raise ValueError(f"qk_norm_rope: q and k dtypes differ ({q.dtype}, {k.dtype})")
+    if implementation == "auto":
+        implementation = "pallas" if _compat.on_gpu() else "reference"
+    if implementation == "reference":
+        return qk_norm_rope_reference(
+            q, k, cos, sin, batch=batch, q_weight=q_weight, k_weight=k_weight, eps=eps
+        )
+    return qk_norm_rope_pallas(
+        q,
+        k,
+        cos,
+        sin,
+        q_weight,
+        k_weight,
+        batch=batch,
+        eps=float(eps),
         num_warps=num_warps,
         interpret=_compat.default_interpret() if interpret is None else interpret,
     )

@@ -39,3 +39,37 @@ def add_rms_norm_reference(
     rows = h.shape[0] if out_rows is None else out_rows
     x = jnp.pad(x, ((0, rows - h.shape[0]), (0, 0)))
     return h, x
+
+
+def qk_norm_rope_reference(
+    q: jax.Array,
+    k: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    *,
+    batch: int,
+    q_weight: jax.Array | None = None,
+    k_weight: jax.Array | None = None,
+    eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array]:
+    """q: [R, H, D], k: [R, K, D] (R >= batch rows; rows past ``batch`` are ignored);
+    cos, sin: [batch, D]; q_weight, k_weight: [D] per-head RMSNorm weights (Qwen3's q_norm /
+    k_norm) or None (Llama: RoPE only).
+
+    Returns (q [batch, H, D], k [batch, K, D]) in q.dtype: each head normed as the model's
+    ``layers.rms_norm`` (when weights are given), then rotate-half RoPE in the activation dtype
+    as ``layers.apply_rope`` (x * cos + rotate_half(x) * sin, each product rounded)."""
+
+    def one(x, w):
+        x = x[:batch]
+        dt = x.dtype
+        if w is not None:
+            x32 = x.astype(jnp.float32)
+            var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+            x = w.astype(dt) * (x32 * jax.lax.rsqrt(var + eps)).astype(dt)
+        half = x.shape[-1] // 2
+        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        c, s = cos[:, None, :].astype(dt), sin[:, None, :].astype(dt)
+        return x * c + rotated * s
+
+    return one(q, q_weight), one(k, k_weight)

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_norm import add_rms_norm, add_rms_norm_reference
+from elastic_jax.layers import apply_rope, rms_norm, rope_cos_sin
+from pallas_kernels.decode_norm import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    qk_norm_rope,
+    qk_norm_rope_reference,
+)
 from pallas_kernels.decode_norm.pallas_triton import row_chunk
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -97,3 +103,83 @@ def test_add_rms_norm_rejects_bad_input():
         add_rms_norm(h, w[:32], eps=1e-6)
     with pytest.raises(ValueError, match="multiple of 16"):
         add_rms_norm(h[:, :40], w[:40], eps=1e-6)
+
+
+# --------------------------------------------------------------------------- qk_norm_rope
+
+
+def _qk_inputs(R, B, H, K, D, dtype, norm: bool, seed=1):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    pos = jnp.asarray([[5 + 4093 * b] for b in range(B)], jnp.int32)  # far apart: distinct angles
+    inv_freq = (1.0 / (1e6 ** (np.arange(0, D, 2) / D))).astype(np.float32)
+    cos, sin = rope_cos_sin(pos, inv_freq, 1.0, dtype)
+    w = lambda key: (1.0 + 0.2 * jax.random.normal(key, (D,))).astype(dtype)  # noqa: E731
+    return dict(
+        q=(2.0 * jax.random.normal(k[0], (R, H, D))).astype(dtype),
+        k=(2.0 * jax.random.normal(k[1], (R, K, D))).astype(dtype),
+        cos=cos,
+        sin=sin,
+        q_weight=w(k[2]) if norm else None,
+        k_weight=w(k[3]) if norm else None,
+    )
+
+
+def test_qk_norm_rope_reference_is_the_models_norm_and_rope():
+    """The reference is exactly ``layers.rms_norm`` then ``layers.apply_rope`` (bf16)."""
+    x = _qk_inputs(2, 1, 4, 2, 16, jnp.bfloat16, norm=True)
+    got_q, got_k = qk_norm_rope_reference(
+        x["q"], x["k"], x["cos"][:, 0], x["sin"][:, 0], batch=1,
+        q_weight=x["q_weight"], k_weight=x["k_weight"],
+    )  # fmt: skip
+    for got, t, w in ((got_q, x["q"], x["q_weight"]), (got_k, x["k"], x["k_weight"])):
+        want = apply_rope(rms_norm(t[:1, None], w, 1e-6), x["cos"], x["sin"])[:, 0]
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def _check_qk(R, B, H, K, D, dtype, norm, interpret):
+    x = _qk_inputs(R, B, H, K, D, dtype, norm)
+    args = (x["q"], x["k"], x["cos"][:, 0], x["sin"][:, 0])
+    kw = dict(batch=B, q_weight=x["q_weight"], k_weight=x["k_weight"])
+    got = qk_norm_rope(*args, **kw, implementation="pallas", interpret=interpret)
+    want = qk_norm_rope_reference(*args, **kw)
+    tol = 1e-5 if dtype == jnp.float32 else 2**-7
+    for g, w, heads in zip(got, want, (H, K)):
+        assert g.shape == (B, heads, D) and g.dtype == dtype
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol
+        )
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["qwen3-qk-norm", "llama-rope-only"])
+@pytest.mark.parametrize(
+    "R,B,H,K,D",
+    [(2, 1, 32, 8, 128), (3, 3, 4, 2, 16), (4, 2, 6, 3, 64)],
+    ids=["b1-padded-4b-heads", "b3", "b2-of-4-rows-odd-heads"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_qk_norm_rope_matches_reference(R, B, H, K, D, dtype, norm):
+    _check_qk(R, B, H, K, D, dtype, norm, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("R,B", [(2, 1), (8, 8)])
+def test_qk_norm_rope_gpu(R, B, norm):
+    _check_qk(R, B, 32, 8, 128, jnp.bfloat16, norm, interpret=False)
+
+
+def test_qk_norm_rope_rejects_bad_input():
+    x = _qk_inputs(2, 1, 4, 2, 16, jnp.float32, norm=True)
+    q, k, c, s = x["q"], x["k"], x["cos"][:, 0], x["sin"][:, 0]
+    cases = [
+        ((q[0], k, c, s), {}, "q must be"),
+        ((q, k, c, s), dict(batch=3), "batch="),
+        ((q, k, c[:, :8], s), dict(batch=1), "cos and sin"),
+        ((q, k, c, s), dict(batch=1, q_weight=x["q_weight"]), "together"),
+        ((q, k, c, s), dict(batch=1, implementation="cuda"), "implementation"),
+        ((q[..., :12], k[..., :12], c[:, :12], s[:, :12]), dict(batch=1), "power of two"),
+    ]
+    for args, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            qk_norm_rope(*args, **kwargs)
