@@ -318,3 +318,14 @@ def test_sampled_tokens_do_not_depend_on_the_batch(tiny_qwen3):
         num_slots=1, **kw,
     )  # fmt: skip
     assert single.token_ids == mixed.token_ids
+
+
+def test_engine_with_fused_decode_norms(tiny_qwen3):
+    """decode_norm="pallas" (interpret mode here) through the engine: empty slots (length 0),
+    slot reuse and batch-3 decode give the XLA norms' greedy tokens."""
+    base = load_model(tiny_qwen3[1], page_size=16)
+    fused = base.with_runtime(decode_norm="pallas")
+    prompts, budgets = _prompts(3, [5, 33, 17, 60]), [6, 2, 5, 4]
+    kw = dict(max_new_tokens=budgets, stop_token_ids=[], num_slots=3)
+    want = generate(base, prompts, **kw).token_ids
+    assert generate(fused, prompts, **kw).token_ids == want
