@@ -328,6 +328,7 @@ def build_model(
     seed: int = 0,
     decode_num_splits: int | None = None,
     prompt_bucket_steps: int = 1,
+    decode_norm: str = "xla",
 ):
     """PawQwen3 of ``SHAPES[shape]``, random bf16 weights, router with fixed random weights;
     ``decode_num_splits``: ``RuntimeConfig.decode_num_splits`` (None: the static paths use the
@@ -348,6 +349,7 @@ def build_model(
         attention_mode="elastic",
         decode_num_splits=decode_num_splits,
         prompt_bucket_steps=prompt_bucket_steps,
+        decode_norm=decode_norm,
     )
     return Model(cfg, params, None, rt, max_tokens)
 
@@ -540,6 +542,7 @@ def _workload_argv(args) -> list[str]:
         ("--hbm-gbps", args.hbm_gbps),
         ("--decode-num-splits", args.decode_num_splits),
         ("--prompt-bucket-steps", args.prompt_bucket_steps),
+        ("--decode-norm", args.decode_norm),
     ):
         if value is not None:
             out += [flag, str(value)]
@@ -575,11 +578,10 @@ def _merge_rows_from(path: str, meta: dict, rows: list[dict], result: dict) -> N
     old = json.loads(Path(path).read_text())
     if old["meta"]["workload"] != meta["workload"] or old["meta"]["seed"] != meta["seed"]:
         raise ValueError(f"--rows-from {path}: measured on another workload (seed / sizes)")
-    theirs, mine = (m.get("prompt_bucket_steps", 1) for m in (old["meta"], meta))
-    if theirs != mine:
-        raise ValueError(
-            f"--rows-from {path}: measured with prompt_bucket_steps={theirs}, not {mine}"
-        )
+    for key, default in (("prompt_bucket_steps", 1), ("decode_norm", "xla")):
+        theirs, mine = (m.get(key, default) for m in (old["meta"], meta))
+        if theirs != mine:
+            raise ValueError(f"--rows-from {path}: measured with {key}={theirs}, not {mine}")
     for key in ("device", "hf"):
         if old["meta"].get(key) is not None:
             meta.setdefault(key, old["meta"][key])
@@ -645,6 +647,12 @@ def main(argv=None) -> dict:
         default=1,
         help="RuntimeConfig.prompt_bucket_steps of every JAX method (prompt buckets per doubling)",
     )
+    p.add_argument(
+        "--decode-norm",
+        default="xla",
+        choices=("xla", "pallas"),
+        help="RuntimeConfig.decode_norm of every JAX method (fused add + norm kernels: pallas)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--hf-worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -676,6 +684,7 @@ def main(argv=None) -> dict:
         "buckets": {b: describe([r for r in work if r.bucket == b]) for b in _names(work)},
         "seed": args.seed,
         "prompt_bucket_steps": args.prompt_bucket_steps,
+        "decode_norm": args.decode_norm,
         "isolation": args.isolation,
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
@@ -748,7 +757,12 @@ def _run_in_process(args, methods, work, subsets, meta, rows, result, save) -> N
     import jax
 
     base = build_model(
-        args.shape, args.max_prompt, args.seed, args.decode_num_splits, args.prompt_bucket_steps
+        args.shape,
+        args.max_prompt,
+        args.seed,
+        args.decode_num_splits,
+        args.prompt_bucket_steps,
+        args.decode_norm,
     )
     dense = base.with_runtime(attention_mode="dense")
     dev = jax.devices()[0]

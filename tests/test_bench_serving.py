@@ -139,6 +139,9 @@ def test_rows_from_adds_rows_of_the_same_workload_only(tmp_path):
     finer = {"workload": bs.describe(work), "seed": 0, "prompt_bucket_steps": 8}
     with pytest.raises(ValueError, match="prompt_bucket_steps=1, not 8"):
         bs._merge_rows_from(path, finer, [], {"decode_step": None})
+    fused = {"workload": bs.describe(work), "seed": 0, "decode_norm": "pallas"}
+    with pytest.raises(ValueError, match="decode_norm=xla, not pallas"):
+        bs._merge_rows_from(path, fused, [], {"decode_step": None})
 
 
 def test_methods_and_sections_are_checked():
