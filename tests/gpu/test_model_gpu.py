@@ -13,7 +13,8 @@ Qwen3-4B dimensions with 2 layers (hidden 2560, 32/8 heads, head dim 128, MLP 97
 2. Elastic prefill (router with full+xattn and xattn+streaming, every forced mode), layer by layer
    on the reference path's hidden states: head modes and block masks as the reference path's,
    hidden states and logits within the bf16 tolerance.
-3. Greedy ``generate()`` (dense and elastic, bf16, batch 3 padded to 4) vs the reference path,
+3. Greedy ``generate()`` (dense and elastic, bf16, batch 3 padded to 4; elastic also with the
+   fused decode norms, ``decode_norm="pallas"``) vs the reference path,
    token for token for ``new_tokens`` steps under the bf16 near-tie rule; prompts end on a page
    edge, cross one while decoding, and decoding runs past the prompt bucket.
 4. The XAttention Pallas kernel's masks vs the official rule (torch port) on structured 32K inputs.
@@ -66,7 +67,8 @@ class Plan:
     generate_lengths: tuple[int, ...]
     new_tokens: int
     page_size: int
-    generate_runs: tuple[tuple[str, str, str], ...]  # (checkpoint, prefill_impl, decode_impl)
+    # (checkpoint, prefill_impl, decode_impl, other RuntimeConfig fields of the run under test)
+    generate_runs: tuple[tuple[str, str, str, dict], ...]
     xattn_lengths: tuple[int, ...]
     xattn_heads: tuple[int, int, int]  # H, K, D
     xattn_impl: str
@@ -100,7 +102,11 @@ GPU_PLAN = Plan(
     generate_lengths=(4090, 1023, 2048),
     new_tokens=16,
     page_size=128,
-    generate_runs=(("qwen", "auto", "auto"), ("paw", "auto", "auto")),
+    generate_runs=(
+        ("qwen", "auto", "auto", {}),
+        ("paw", "auto", "auto", {}),
+        ("paw", "auto", "auto", {"decode_norm": "pallas"}),
+    ),
     xattn_lengths=(32768, 20000),
     xattn_heads=(8, 2, 128),
     xattn_impl="pallas_triton",
@@ -124,7 +130,10 @@ CPU_PLAN = Plan(
     generate_lengths=(120, 31, 32),
     new_tokens=10,
     page_size=16,
-    generate_runs=(("qwen", "xla", "reference"),),
+    generate_runs=(
+        ("qwen", "xla", "reference", {}),
+        ("qwen", "xla", "reference", {"decode_norm": "pallas"}),  # interpret-mode kernels
+    ),
     xattn_lengths=(512, 300),
     xattn_heads=(2, 1, 64),
     xattn_impl="reference",  # the interpret-mode kernel: tests/kernels/test_xattn_official_torch.py
@@ -223,13 +232,13 @@ def check_generate(ck: mc.Checkpoints, plan: Plan) -> None:
     assert any(m % page == 0 for m in lengths)
     assert any(m % page and m % page + n > page for m in lengths)
     assert len(lengths) > 1
-    for name, prefill_impl, decode_impl in plan.generate_runs:
+    for name, prefill_impl, decode_impl, extra in plan.generate_runs:
         model = load_model(ck.qwen_bf16 if name == "qwen" else ck.paw_bf16, page_size=page)
         assert max(lengths) + n > engine.prompt_bucket_for(max(lengths), model.runtime)
         tokens, _ = mc.random_tokens(3, lengths, model.config.vocab_size)
         prompts = [row[:m].tolist() for row, m in zip(tokens, lengths)]
         ref = model.with_runtime(prefill_impl="reference", decode_impl="reference")
-        gpu = model.with_runtime(prefill_impl=prefill_impl, decode_impl=decode_impl)
+        gpu = model.with_runtime(prefill_impl=prefill_impl, decode_impl=decode_impl, **extra)
         want = generate(ref, prompts, max_new_tokens=n, stop_token_ids=[]).token_ids
         got = generate(gpu, prompts, max_new_tokens=n, stop_token_ids=[]).token_ids
         assert [len(t) for t in want] == [n] * len(lengths)
@@ -239,7 +248,7 @@ def check_generate(ck: mc.Checkpoints, plan: Plan) -> None:
             prompts,
             mc.reference_next_logits(model),
             tie_rel=mc.TIE_REL,
-            what=f"{name} {prefill_impl}/{decode_impl} greedy",
+            what=f"{name} {prefill_impl}/{decode_impl} {extra} greedy",
         )
 
 
