@@ -58,24 +58,14 @@ def test_steady_step_counts_only_steps_with_every_request_running():
         bench_decode.steady_step_ms([[0.0, 0.5], [1.0, 1.1]])
 
 
-def test_pallas_out_projection_and_gemv_table(tmp_path):
+def test_pallas_out_projection_fused_norms_and_gemv_table(tmp_path):
     out = tmp_path / "decode.json"
     bench_decode.main(
         ["--configs", "tiny:2:64", "--steps", "1", "--decode-out-proj", "pallas", "--gemv",
-         "--out", str(out)]
-    )  # fmt: skip
-    saved = json.loads(out.read_text())
-    assert saved["meta"]["decode_out_proj"] == "pallas" and saved["rows"][0]["jit_ms"] > 0
-    names = [r["matrix"] for r in saved["gemv"]["tiny:2"]]
-    assert "wo (pallas stacked_gemv)" in names and "w_down (pallas stacked_gemv)" in names
-
-
-def test_fused_decode_norm_rows(tmp_path):
-    out = tmp_path / "decode.json"
-    bench_decode.main(
-        ["--configs", "tiny:1:64", "--steps", "1", "--decode-out-proj", "pallas",
          "--decode-norm", "pallas", "--out", str(out)]
     )  # fmt: skip
     saved = json.loads(out.read_text())
-    assert saved["meta"]["decode_norm"] == "pallas"
-    assert saved["rows"][0]["decode_norm"] == "pallas" and saved["rows"][0]["jit_ms"] > 0
+    assert saved["meta"]["decode_out_proj"] == "pallas" and saved["rows"][0]["jit_ms"] > 0
+    assert saved["meta"]["decode_norm"] == saved["rows"][0]["decode_norm"] == "pallas"
+    names = [r["matrix"] for r in saved["gemv"]["tiny:2"]]
+    assert "wo (pallas stacked_gemv)" in names and "w_down (pallas stacked_gemv)" in names

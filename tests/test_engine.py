@@ -411,13 +411,14 @@ def test_decode_out_projection_auto_is_xla_off_gpu(tiny_qwen3):
 
 @pytest.mark.parametrize(
     "family,out_proj",
-    [("qwen3", "xla"), ("qwen3", "pallas"), ("llama-biases", "pallas")],
+    [("qwen3", "xla"), ("llama-biases", "pallas")],
 )
 def test_fused_decode_norm_in_the_model(tiny_checkpoints, family, out_proj):
-    """decode_norm="pallas" (residual add + RMSNorm kernels, interpret mode on CPU; with the
-    Pallas out-projection they sum its split partials, plus o_proj's bias for Llama) gives the
-    XLA norms' decode logits and cache, at batch 1 (the two-row QKV input) and on a ragged
-    batch of 2."""
+    """decode_norm="pallas" (residual add + RMSNorm and q/k norm + RoPE kernels, interpret mode
+    on CPU) gives the XLA norms' decode logits and cache, at batch 1 (the two-row QKV input) and
+    on a ragged batch of 2: Qwen3 (q/k norms) with XLA's out-projection (the residual input), and
+    Llama with biases (RoPE only) with the Pallas out-projection (its split partials summed in
+    the kernel, plus o_proj's bias)."""
     if family == "llama-biases":
         ckpt = tiny_checkpoints(family="llama", attention_bias=True, mlp_bias=True)
     else:

@@ -62,15 +62,18 @@ def _check(B, E, S, dtype, update, out_rows, interpret):
         assert not np.allclose(np.asarray(got_h, np.float32), np.asarray(x["h"], np.float32))
 
 
-@pytest.mark.parametrize("update", list(UPDATES))
 @pytest.mark.parametrize(
-    "B,E,S,out_rows",
-    [(1, 2560, 8, 2), (3, 64, 1, None), (2, 96, 5, 4)],
-    ids=["b1-qwen3-4b-width-two-rows", "b3", "b2-odd-splits-four-rows"],
+    "B,E,S,out_rows,dtype,updates",
+    [
+        (1, 2560, 8, 2, jnp.bfloat16, list(UPDATES)),  # Qwen3-4B width, batch 1, two rows
+        (3, 64, 1, None, jnp.float32, ["partials", "residual"]),
+        (2, 96, 5, 4, jnp.float32, ["partials+bias", "none"]),  # odd splits, four rows
+    ],
+    ids=["b1-4b-width-bf16", "b3-f32", "b2-odd-splits-f32"],
 )
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_add_rms_norm_matches_reference(B, E, S, out_rows, update, dtype):
-    _check(B, E, S, dtype, update, out_rows, interpret=True)
+def test_add_rms_norm_matches_reference(B, E, S, out_rows, dtype, updates):
+    for update in updates:
+        _check(B, E, S, dtype, update, out_rows, interpret=True)
 
 
 @pytest.mark.gpu
@@ -150,13 +153,16 @@ def _check_qk(R, B, H, K, D, dtype, norm, interpret):
         )
 
 
-@pytest.mark.parametrize("norm", [True, False], ids=["qwen3-qk-norm", "llama-rope-only"])
 @pytest.mark.parametrize(
-    "R,B,H,K,D",
-    [(2, 1, 32, 8, 128), (3, 3, 4, 2, 16), (4, 2, 6, 3, 64)],
-    ids=["b1-padded-4b-heads", "b3", "b2-of-4-rows-odd-heads"],
+    "R,B,H,K,D,dtype,norm",
+    [
+        (2, 1, 32, 8, 128, jnp.bfloat16, True),  # Qwen3 heads, batch 1 with its padding row
+        (2, 1, 32, 8, 128, jnp.bfloat16, False),  # Llama: RoPE only
+        (3, 3, 4, 2, 16, jnp.float32, True),
+        (4, 2, 6, 3, 64, jnp.float32, False),  # rows past the batch, head counts not 2^n
+    ],
+    ids=["b1-qwen3-bf16", "b1-llama-bf16", "b3-f32", "b2-of-4-rows-odd-heads-f32"],
 )
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_qk_norm_rope_matches_reference(R, B, H, K, D, dtype, norm):
     _check_qk(R, B, H, K, D, dtype, norm, interpret=True)
 
