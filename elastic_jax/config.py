@@ -378,8 +378,8 @@ class RuntimeConfig:
       stacked weight in place; one device only; interpret mode on CPU).
       H100, Qwen3-4B at 32K: "pallas" takes the step from 6.29 to 5.78 ms at batch 1 and from
       17.32 to 16.62 ms at batch 8 (BENCHMARKS.md).
-    decode_norm: the decode step's residual adds and RMSNorms: "xla" (jnp, fused by XLA: about
-      eight small kernels a layer in the H100 profile) or "pallas"
+    decode_norm: the decode step's residual adds and RMSNorms: "xla" (jnp, left to XLA's
+      fusions: small kernels of 1-6 us each in the H100 profile) or "pallas"
       (``pallas_kernels.decode_norm.add_rms_norm``: each add + norm in one kernel, two a layer,
       taking the out-projection GEMV's split partials unsummed when ``decode_out_proj`` is
       "pallas", and writing the batch-1 QKV input's zero row itself; plus
