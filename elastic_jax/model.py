@@ -75,13 +75,14 @@ def _attn_out(o: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
     return y + lp.o_bias if cfg.attention_bias else y
 
 
+def _mlp_update(x: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
+    """The MLP's residual update of a normed x [B, T, E] -> [B, T, E]."""
+    biases = (lp.gate_bias, lp.up_bias, lp.down_bias) if cfg.mlp_bias else None
+    return swiglu_mlp(x, lp.w_gate, lp.w_up, lp.w_down, biases=biases)
+
+
 def _mlp_block(h: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
-    x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
-    if cfg.mlp_bias:
-        return h + swiglu_mlp(
-            x, lp.w_gate, lp.w_up, lp.w_down, biases=(lp.gate_bias, lp.up_bias, lp.down_bias)
-        )
-    return h + swiglu_mlp(x, lp.w_gate, lp.w_up, lp.w_down)
+    return h + _mlp_update(rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps), lp, cfg)
 
 
 def head_modes_for(
@@ -279,8 +280,7 @@ def _decode_out_proj_in_place(
         raise ValueError(
             'decode_out_proj="pallas" runs on one device; use decode_out_proj="xla" with a mesh'
         )
-    L, H, D, E = layers.wo.shape
-    y = gemv.stacked_gemv(o.reshape(o.shape[0], H * D), layers.wo.reshape(L, H * D, E), layer)
+    y = jnp.sum(_decode_out_proj_partials(o, layers, layer), axis=0)
     if cfg.attention_bias:
         y = y + layers.o_bias[layer]
     return y.astype(o.dtype)
@@ -292,12 +292,6 @@ def _decode_out_proj_partials(o: jax.Array, layers: LayerParams, layer: int) -> 
     L, H, D, E = layers.wo.shape
     w = layers.wo.reshape(L, H * D, E)
     return gemv.stacked_gemv(o.reshape(o.shape[0], H * D), w, layer, partials=True)
-
-
-def _mlp_update(x: jax.Array, lp: LayerParams, cfg: ModelConfig) -> jax.Array:
-    """The MLP's residual update of a normed x [B, E] -> [B, E]."""
-    biases = (lp.gate_bias, lp.up_bias, lp.down_bias) if cfg.mlp_bias else None
-    return swiglu_mlp(x[:, None], lp.w_gate, lp.w_up, lp.w_down, biases=biases)[:, 0]
 
 
 def decode(
@@ -363,7 +357,10 @@ def decode(
                 last = layer + 1 == L
                 nxt = params.final_norm if last else params.layers.attn_norm[layer + 1]
                 h, x = norm(
-                    h, nxt, residual=_mlp_update(x, lp, cfg), out_rows=B if last else qkv_rows
+                    h,
+                    nxt,
+                    residual=_mlp_update(x[:, None], lp, cfg)[:, 0],
+                    out_rows=B if last else qkv_rows,
                 )
             else:
                 if out_proj == "pallas":
